@@ -1,0 +1,24 @@
+"""Exact, matrix-free curvature for JAX + Equinox + Optax."""
+
+from ._ggn import (
+    create_empirical_fisher_mv as create_empirical_fisher_mv,
+    create_fisher_mv as create_fisher_mv,
+    create_ggn_mv as create_ggn_mv,
+    create_ggn_mv_without_data as create_ggn_mv_without_data,
+    create_hessian_mv as create_hessian_mv,
+)
+from ._losses import (
+    binary_cross_entropy_loss as binary_cross_entropy_loss,
+    create_loss_hessian_mv as create_loss_hessian_mv,
+    cross_entropy_loss as cross_entropy_loss,
+    identity_loss as identity_loss,
+    mse_loss as mse_loss,
+)
+from ._operator import (
+    CurvatureOperator as CurvatureOperator,
+    curvature_operator as curvature_operator,
+)
+from ._partition import as_model_fn as as_model_fn, partition as partition
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,78 @@
+"""Trace-time checks that turn bad input into a clear `ValueError`."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+from jaxtyping import PyTree
+
+
+def check_data(data: Any, name: str = "data") -> int:
+    """Check `data = {"input": X, "target": Y}` and return its batch size.
+
+    Every leaf of `X` and `Y` must carry the same leading batch axis.
+    """
+    if not isinstance(data, dict) or "input" not in data or "target" not in data:
+        keys = list(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"{name} must be a dict with keys 'input' and 'target' (each with a "
+            f"leading batch axis), got {keys}."
+        )
+    sizes = []
+    for key in ("input", "target"):
+        leaves = jax.tree_util.tree_leaves_with_path(data[key])
+        for path, leaf in leaves:
+            shape = getattr(leaf, "shape", None)
+            where = f"{name}[{key!r}]{jax.tree_util.keystr(path)}"
+            if shape is None or len(shape) == 0:
+                raise ValueError(
+                    f"{where} must be an array with a leading batch axis, got "
+                    f"{type(leaf).__name__} with shape {shape}."
+                )
+            sizes.append((where, tuple(shape)))
+    if not sizes:
+        raise ValueError(f"{name}['input'] holds no arrays.")
+    first_where, first_shape = sizes[0]
+    for where, shape in sizes[1:]:
+        if shape[0] != first_shape[0]:
+            raise ValueError(
+                f"Batch axes differ: {first_where} has shape {first_shape} (batch "
+                f"{first_shape[0]}) but {where} has shape {shape} (batch {shape[0]})."
+            )
+    return first_shape[0]
+
+
+def check_params(params: PyTree) -> None:
+    """Every leaf of `params` must be a floating-point (or complex) array."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not leaves:
+        raise ValueError("params holds no arrays to differentiate.")
+    for path, leaf in leaves:
+        if not eqx.is_inexact_array(leaf):
+            dtype = getattr(leaf, "dtype", type(leaf).__name__)
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} has dtype {dtype}; only "
+                "floating-point arrays can be parameters. Split the model with "
+                "eqx_ggn.partition(model) so that integer arrays and other "
+                "non-floating leaves stay in `static`."
+            )
+
+
+def check_like(name: str, tree: PyTree, reference: PyTree, ref_name: str) -> None:
+    """`tree` must have the pytree structure and leaf shapes of `reference`."""
+    tdef, rdef = jax.tree.structure(tree), jax.tree.structure(reference)
+    if tdef != rdef:
+        raise ValueError(
+            f"{name} has pytree structure {tdef}, but {ref_name} has structure {rdef}."
+        )
+    for (path, leaf), ref in zip(
+        jax.tree_util.tree_leaves_with_path(tree),
+        jax.tree.leaves(reference),
+        strict=True,
+    ):
+        if jax.numpy.shape(leaf) != jax.numpy.shape(ref):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} has shape {jax.numpy.shape(leaf)}"
+                f", but {ref_name}{jax.tree_util.keystr(path)} has shape "
+                f"{jax.numpy.shape(ref)}."
+            )

@@ -1,0 +1,308 @@
+"""The linearize-once curvature operator."""
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float, PyTree
+
+from ._checks import check_data, check_like, check_params
+from ._losses import LossFn, check_target, resolve_loss
+from ._partition import as_model_fn, partition
+
+
+Curvature = Literal["ggn", "fisher", "empirical_fisher", "hessian"]
+CURVATURES: tuple[str, ...] = ("ggn", "fisher", "empirical_fisher", "hessian")
+
+
+def forward(
+    model_fn: Callable, params: PyTree, inputs: PyTree, vmap_over_data: bool
+) -> PyTree:
+    """Evaluate `model_fn` on a batch, per sample under `vmap` or all at once."""
+    if vmap_over_data:
+        return jax.vmap(lambda x: model_fn(input=x, params=params))(inputs)
+    return model_fn(input=inputs, params=params)
+
+
+def summed_loss(
+    loss: Callable, pred: PyTree, target: PyTree, vmap_over_data: bool
+) -> Float[Array, ""]:
+    """`sum_i loss(pred_i, target_i)` over the batch."""
+    if vmap_over_data:
+        return jnp.sum(jax.vmap(loss)(pred, target))
+    return loss(pred, target)
+
+
+def _scale(tree: PyTree, factor: Array) -> PyTree:
+    return jax.tree.map(lambda x: x * factor.astype(x.dtype), tree)
+
+
+def _per_sample_outer(loss_grads: PyTree, jv: PyTree) -> PyTree:
+    # r_i (r_i^T jv_i) for every sample i: the empirical Fisher in output space.
+    def dot(r, j):
+        return jnp.sum((r * j).reshape(r.shape[0], -1), axis=1)
+
+    s = sum(jax.tree.leaves(jax.tree.map(dot, loss_grads, jv)))
+    return jax.tree.map(
+        lambda r: r * s.reshape((-1,) + (1,) * (r.ndim - 1)), loss_grads
+    )
+
+
+class CurvatureOperator(eqx.Module):
+    r"""A curvature matrix of the objective, linearized once at one point.
+
+    Build it with [`eqx_ggn.curvature_operator`][]. The **objective** is
+
+    $$\mathcal{L}(\theta) = \text{factor} \cdot \sum_i \ell(f(x_i, \theta), y_i),$$
+
+    with `factor = 1/batch_size` by default (the batch mean). `loss`, `grad` and
+    every product belong to that same objective.
+
+    The operator is a pytree: the linearization's residuals, the predictions and the
+    gradient are its array leaves, so `jax.jit`/`eqx.filter_jit` trace them instead
+    of baking them into the program as constants, and `jax.vmap` maps over vectors.
+
+    **Attributes:**
+
+    - `loss`: the objective's value at the linearization point (`None` if only a
+        `loss_hessian_mv` was given).
+    - `predictions`: the model's outputs on the batch, with a leading batch axis.
+    - `grad`: the objective's gradient, a pytree like `params` (`None` as `loss`).
+    - `factor`: the scalar in front of the sum.
+    - `curvature`: `"ggn"`, `"fisher"`, `"empirical_fisher"` or `"hessian"`.
+
+    **Methods:**
+
+    - `mv(vector)` (also `op(vector)`): the curvature times a pytree like `params`.
+    - `as_matrix()`: the dense `P x P` matrix, in `ravel_pytree(params)` order.
+
+    The GGN product uses only the linear JVP, the loss Hessian in output space and
+    the transposed JVP; no forward pass is repeated.
+    """
+
+    loss: Float[Array, ""] | None
+    predictions: PyTree
+    grad: PyTree | None
+    factor: Float[Array, ""]
+    linear_fn: Callable
+    target: PyTree
+    loss_grads: PyTree | None
+    curvature: str = eqx.field(static=True)
+    vmap_over_data: bool = eqx.field(static=True)
+    loss_hessian_mv: Callable | None = eqx.field(static=True)
+    params_struct: Any = eqx.field(static=True)
+
+    def _params_template(self) -> PyTree:
+        treedef, leaves = self.params_struct
+        return jax.tree.unflatten(treedef, leaves)
+
+    def mv(self, vector: PyTree) -> PyTree:
+        """The curvature times `vector`, a pytree with the structure of `params`.
+
+        **Arguments:**
+
+        - `vector`: a pytree with the structure and leaf shapes of `params`; its
+            leaves are cast to the parameters' dtypes.
+
+        **Returns:**
+
+        A pytree like `params`.
+        """
+        template = self._params_template()
+        check_like("vector", vector, template, "params")
+        vector = jax.tree.map(lambda v, t: jnp.asarray(v, t.dtype), vector, template)
+        if self.curvature == "hessian":
+            return self.linear_fn(vector)
+        jv = self.linear_fn(vector)
+        if self.curvature == "empirical_fisher":
+            hjv = _per_sample_outer(self.loss_grads, jv)
+        elif self.vmap_over_data:
+            hjv = jax.vmap(lambda j, p, t: self.loss_hessian_mv(j, pred=p, target=t))(
+                jv, self.predictions, self.target
+            )
+        else:
+            hjv = self.loss_hessian_mv(jv, pred=self.predictions, target=self.target)
+        (out,) = jax.linear_transpose(self.linear_fn, vector)(_scale(hjv, self.factor))
+        return out
+
+    def __call__(self, vector: PyTree) -> PyTree:
+        """Same as `mv`, so the operator can stand wherever a `mv` callable does."""
+        return self.mv(vector)
+
+    def as_matrix(self) -> Float[Array, "P P"]:
+        """The dense curvature matrix in `jax.flatten_util.ravel_pytree` order.
+
+        Costs `P` products and `P**2` memory: for small problems only.
+        """
+        zeros = jax.tree.map(
+            lambda t: jnp.zeros(t.shape, t.dtype), self._params_template()
+        )
+        flat, unravel = ravel_pytree(zeros)
+        basis = jnp.eye(flat.size, dtype=flat.dtype)
+        columns = jax.vmap(lambda e: ravel_pytree(self.mv(unravel(e)))[0])(basis)
+        return columns.T
+
+
+def curvature_operator(
+    model_fn: Callable | None = None,
+    params: PyTree | None = None,
+    data: dict[str, Any] | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    model: eqx.Module | None = None,
+    curvature: Curvature = "ggn",
+    factor: float | Float[Array, ""] | None = None,
+    loss_hessian_mv: Callable | None = None,
+    vmap_over_data: bool = True,
+) -> CurvatureOperator:
+    r"""Run the forward pass and `jax.linearize` once, and return the operator.
+
+    The objective is `factor * sum_i loss(model_fn(input=x_i, params), y_i)`, with
+    `factor = 1/batch_size` by default (the batch mean), and:
+
+    - `"ggn"`: `factor * sum_i J_i^T H_i J_i`, with `H_i` the loss Hessian with
+      respect to sample `i`'s prediction;
+    - `"fisher"`: the same matrix. For the built-in losses (Gaussian, categorical,
+      Bernoulli likelihoods in their natural parameters) the Fisher equals the GGN;
+      the name is there for natural-gradient code;
+    - `"empirical_fisher"`: `factor * sum_i g_i g_i^T`, with `g_i` the gradient of
+      sample `i`'s loss;
+    - `"hessian"`: the full Hessian of the objective, including the second-order
+      model term that the GGN drops (it linearizes the gradient instead of the
+      model).
+
+    **Arguments:**
+
+    - `model_fn`: `model_fn(*, input, params)` evaluated on one sample (or the whole
+        batch when `vmap_over_data=False`). See [`eqx_ggn.as_model_fn`][].
+    - `params`: the parameters, a pytree of floating-point arrays.
+    - `data`: `{"input": X, "target": Y}`, each with a leading batch axis.
+    - `loss_fn`: `"mse"`, `"cross_entropy"`, `"binary_cross_entropy"`, `"none"`, or
+        a callable `loss(pred, target) -> scalar` for one sample.
+    - `model`: an Equinox module, instead of `model_fn` and `params`; it is split
+        with [`eqx_ggn.partition`][] (all floating-point arrays are trained), and
+        `grad`/products are then pytrees like that `params`.
+    - `curvature`: which matrix, see above.
+    - `factor`: the scalar in front of the sum; defaults to `1/batch_size`.
+    - `loss_hessian_mv`: `loss_hessian_mv(jv, *, pred, target)` to replace the loss
+        Hessian (GGN and Fisher only). Without `loss_fn`, `loss` and `grad` are `None`.
+    - `vmap_over_data`: evaluate `model_fn` per sample under `jax.vmap` (default)
+        or on the whole batch at once.
+
+    **Returns:**
+
+    A [`eqx_ggn.CurvatureOperator`][].
+
+    **Raises:**
+
+    `ValueError` (at trace time) for an unknown `loss_fn` or `curvature`, non-floating
+    parameters, input and target batches of different sizes, or a target that does
+    not fit the predictions.
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        mlp = eqx.nn.MLP(2, 1, 16, 2, key=jax.random.key(0))
+        x = jnp.linspace(-1, 1, 64).reshape(32, 2)
+        data = {"input": x, "target": jnp.sin(x[:, :1])}
+
+        @eqx.filter_jit
+        def gauss_newton_direction(mlp, data):
+            op = eqx_ggn.curvature_operator(model=mlp, data=data, loss_fn="mse")
+            ggn = op.as_matrix()
+            flat_grad, unravel = jax.flatten_util.ravel_pytree(op.grad)
+            step = jnp.linalg.solve(ggn + 1e-3 * jnp.eye(len(flat_grad)), flat_grad)
+            return op.loss, unravel(step)
+
+        loss, direction = gauss_newton_direction(mlp, data)
+        ```
+    """
+    if model is not None:
+        if model_fn is not None or params is not None:
+            raise ValueError(
+                "Pass either `model` or `model_fn` and `params`, not both."
+            )
+        params, static = partition(model)
+        model_fn = as_model_fn(static)
+    if model_fn is None or params is None:
+        raise ValueError(
+            "curvature_operator needs `model_fn` and `params`, or an Equinox `model=`."
+        )
+    if curvature not in CURVATURES:
+        raise ValueError(
+            f"Unknown curvature {curvature!r}; valid ones are {list(CURVATURES)}."
+        )
+    batch_size = check_data(data)
+    check_params(params)
+    loss, hessian_mv = resolve_loss(loss_fn)
+    if loss_hessian_mv is not None:
+        if curvature in ("empirical_fisher", "hessian"):
+            raise ValueError(
+                "loss_hessian_mv applies to curvature 'ggn' or 'fisher', not "
+                f"{curvature!r}."
+            )
+        hessian_mv = loss_hessian_mv
+    if hessian_mv is None:
+        raise ValueError("Pass a loss_fn (or, for the GGN, a loss_hessian_mv).")
+
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    factor = jnp.asarray(1.0 / batch_size if factor is None else factor, dtype=dtype)
+    inputs, target = data["input"], data["target"]
+
+    def predict(p):
+        pred = forward(model_fn, p, inputs, vmap_over_data)
+        check_target(loss_fn, pred, target)
+        return pred
+
+    loss_grads = None
+    if curvature == "hessian":
+
+        def objective(p):
+            pred = predict(p)
+            value = summed_loss(loss, pred, target, vmap_over_data)
+            return factor.astype(value.dtype) * value, pred
+
+        def gradient(p):
+            (value, pred), g = jax.value_and_grad(objective, has_aux=True)(p)
+            return g, (value, pred)
+
+        grad, linear_fn, (value, pred) = jax.linearize(gradient, params, has_aux=True)
+    else:
+        pred, linear_fn = jax.linearize(predict, params)
+        if loss is None:
+            value = grad = None
+        else:
+            value, loss_grads = jax.value_and_grad(
+                lambda z: summed_loss(loss, z, target, vmap_over_data)
+            )(pred)
+            value = factor.astype(value.dtype) * value
+            (grad,) = jax.linear_transpose(linear_fn, params)(
+                _scale(loss_grads, factor)
+            )
+
+    leaves, treedef = jax.tree.flatten(params)
+    params_struct = (
+        treedef,
+        tuple(jax.ShapeDtypeStruct(jnp.shape(x), x.dtype) for x in leaves),
+    )
+    return CurvatureOperator(
+        loss=value,
+        predictions=pred,
+        grad=grad,
+        factor=factor,
+        linear_fn=linear_fn,
+        target=target,
+        loss_grads=loss_grads,
+        curvature=curvature,
+        vmap_over_data=vmap_over_data,
+        loss_hessian_mv=hessian_mv,
+        params_struct=params_struct,
+    )

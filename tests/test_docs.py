@@ -1,0 +1,46 @@
+"""Every public name is documented, and every code example in the docs runs."""
+
+import inspect
+import pathlib
+import re
+import textwrap
+
+import pytest
+
+import eqx_ggn
+
+
+ROOT = pathlib.Path(__file__).parents[1]
+FENCE = re.compile(r"```python\n(.*?)```", re.DOTALL)
+PUBLIC = sorted(n for n in dir(eqx_ggn) if not n.startswith("_"))
+
+
+def _examples(text):
+    return [textwrap.dedent(block) for block in FENCE.findall(text)]
+
+
+def _docstring_examples():
+    for name in PUBLIC:
+        for i, code in enumerate(
+            _examples(inspect.getdoc(getattr(eqx_ggn, name)) or "")
+        ):
+            yield pytest.param(code, id=f"{name}-{i}")
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_names_have_docstrings(name):
+    obj = getattr(eqx_ggn, name)
+    if callable(obj):
+        assert inspect.getdoc(obj), f"eqx_ggn.{name} has no docstring"
+
+
+@pytest.mark.parametrize("code", list(_docstring_examples()))
+def test_docstring_example_runs(code):
+    exec(compile(code, "<docstring>", "exec"), {})
+
+
+def test_readme_examples_run():
+    blocks = _examples((ROOT / "README.md").read_text())
+    assert blocks, "README has no python example"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})

@@ -1,0 +1,132 @@
+"""Bad input gets a clear ValueError at trace time."""
+
+import equinox as eqx
+import jax.numpy as jnp
+import pytest
+from helpers import make_problem
+
+import eqx_ggn
+
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+@pytest.fixture
+def problem():
+    model, data = make_problem("regression")
+    params, static = eqx_ggn.partition(model)
+    return eqx_ggn.as_model_fn(static), params, data
+
+
+def test_loss_fn_and_loss_hessian_mv_rules(problem):
+    model_fn, params, data = problem
+    with pytest.raises(ValueError, match="Either loss_fn or loss_hessian_mv"):
+        eqx_ggn.create_ggn_mv(model_fn, params, data)
+    with pytest.raises(ValueError, match="Only one of loss_fn or loss_hessian_mv"):
+        eqx_ggn.create_ggn_mv(
+            model_fn, params, data, "mse", loss_hessian_mv=lambda jv, **kw: jv
+        )
+    with pytest.raises(ValueError, match=r"Unknown loss_fn 'msee'.*'mse'.*'none'"):
+        eqx_ggn.create_ggn_mv(model_fn, params, data, "msee")
+    with pytest.raises(ValueError, match="Unknown loss_fn"):
+        eqx_ggn.create_ggn_mv_without_data(model_fn, params, "hinge", 1.0)
+    with pytest.raises(ValueError, match="loss_fn cannot be None"):
+        eqx_ggn.create_ggn_mv_without_data(model_fn, params, None, 1.0)
+    with pytest.raises(ValueError, match=r"Unknown curvature 'gnn'.*'ggn'"):
+        eqx_ggn.curvature_operator(model_fn, params, data, "mse", curvature="gnn")
+
+
+@pytest.mark.parametrize("under_jit", [False, True])
+def test_batch_axes_must_agree(problem, under_jit):
+    model_fn, params, data = problem
+    bad = {"input": data["input"], "target": data["target"][:4]}
+
+    def build(params, data):
+        return eqx_ggn.create_ggn_mv(model_fn, params, data, "mse")(params)
+
+    call = eqx.filter_jit(build) if under_jit else build
+    with pytest.raises(ValueError, match=r"\(6, 3\).*\(4, 2\)"):
+        call(params, bad)
+
+
+def test_data_must_be_input_target_dict(problem):
+    model_fn, params, data = problem
+    with pytest.raises(ValueError, match="keys 'input' and 'target'"):
+        eqx_ggn.curvature_operator(model_fn, params, {"x": data["input"]}, "mse")
+
+
+@pytest.mark.parametrize(
+    ("kind", "loss_fn", "target", "pattern"),
+    [
+        ("regression", "mse", jnp.zeros((6, 3)), r"\(6, 3\).*\(6, 2\)"),
+        ("regression", "binary_cross_entropy", jnp.zeros((6,)), r"\(6,\).*\(6, 2\)"),
+        ("labels", "cross_entropy", jnp.zeros((6, 2), int), r"\(6, 2\).*\(6, 3\)"),
+        ("labels", "cross_entropy", jnp.zeros((6,)), r"\(6,\).*integer labels"),
+    ],
+)
+@pytest.mark.parametrize("under_jit", [False, True])
+def test_target_must_fit_prediction(kind, loss_fn, target, pattern, under_jit):
+    model, data = make_problem(kind)
+    bad = {"input": data["input"], "target": target}
+
+    def build(model, data):
+        return eqx_ggn.curvature_operator(model=model, data=data, loss_fn=loss_fn)
+
+    call = eqx.filter_jit(build) if under_jit else build
+    with pytest.raises(ValueError, match=pattern):
+        call(model, bad)
+    params, static = eqx_ggn.partition(model)
+    with pytest.raises(ValueError, match=pattern):
+        eqx_ggn.create_ggn_mv(eqx_ggn.as_model_fn(static), params, bad, loss_fn)
+
+
+@pytest.mark.parametrize("under_jit", [False, True])
+def test_vector_must_match_params(problem, under_jit):
+    model_fn, params, data = problem
+    op = eqx_ggn.curvature_operator(model_fn, params, data, "mse")
+    ggn_mv = eqx_ggn.create_ggn_mv(model_fn, params, data, "mse")
+    without = eqx_ggn.create_ggn_mv_without_data(model_fn, params, "mse", 1.0)
+    wrap = eqx.filter_jit if under_jit else (lambda f: f)
+
+    wrong_structure = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="vector has pytree structure"):
+        wrap(op.mv)(wrong_structure)
+    wrong_shape = eqx.tree_at(lambda p: p.layers[0].weight, params, jnp.ones((5, 4)))
+    with pytest.raises(ValueError, match=r"weight has shape \(5, 4\).*\(5, 3\)"):
+        wrap(ggn_mv)(wrong_shape)
+    with pytest.raises(ValueError, match=r"weight has shape \(5, 4\).*\(5, 3\)"):
+        wrap(without)(wrong_shape, data)
+
+
+def test_params_must_be_floating():
+    def model_fn(input, params):  # noqa: A002
+        return params["w"] @ input
+
+    data = {"input": jnp.ones((2, 3)), "target": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match=r"params\['w'\] has dtype int"):
+        eqx_ggn.curvature_operator(model_fn, {"w": jnp.ones((2, 3), int)}, data, "mse")
+    with pytest.raises(ValueError, match=r"params\['w'\] has dtype int"):
+        eqx_ggn.create_ggn_mv(model_fn, {"w": jnp.ones((2, 3), int)}, data, "mse")
+
+
+def test_model_and_model_fn_are_exclusive(problem):
+    model_fn, params, data = problem
+    model, _ = make_problem("regression")
+    with pytest.raises(ValueError, match="either `model` or `model_fn`"):
+        eqx_ggn.curvature_operator(model_fn, params, data, "mse", model=model)
+    with pytest.raises(ValueError, match="needs `model_fn` and `params`"):
+        eqx_ggn.curvature_operator(data=data, loss_fn="mse")
+
+
+def test_curvature_needs_a_loss_value(problem):
+    model_fn, params, data = problem
+
+    def hmv(jv, **kwargs):
+        return jv
+
+    with pytest.raises(ValueError, match="Pass a loss_fn"):
+        eqx_ggn.curvature_operator(model_fn, params, data, curvature="hessian")
+    with pytest.raises(ValueError, match="applies to curvature 'ggn' or 'fisher'"):
+        eqx_ggn.curvature_operator(
+            model_fn, params, data, "mse", curvature="hessian", loss_hessian_mv=hmv
+        )

@@ -1,0 +1,232 @@
+"""Every curvature product against a dense float64 reference."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import (
+    as_dense,
+    assert_rel_close,
+    dense_curvatures,
+    log_cosh_loss,
+    make_problem,
+)
+from jax.flatten_util import ravel_pytree
+
+import eqx_ggn
+
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+# (problem kind, loss_fn): multi-output regression, classification with one-hot and
+# integer targets, (T, C) per-token logits, and a custom callable loss.
+CASES = [
+    ("regression", "mse"),
+    ("regression", "none"),
+    ("regression", log_cosh_loss),
+    ("probabilities", "binary_cross_entropy"),
+    ("onehot", "cross_entropy"),
+    ("labels", "cross_entropy"),
+    ("tokens_onehot", "cross_entropy"),
+    ("tokens_labels", "cross_entropy"),
+]
+IDS = [f"{k}-{getattr(f, '__name__', f)}" for k, f in CASES]
+
+
+@pytest.mark.parametrize(("kind", "loss_fn"), CASES, ids=IDS)
+def test_operator_matches_dense(kind, loss_fn):
+    model, data = make_problem(kind)
+    params, static = eqx_ggn.partition(model)
+    model_fn = eqx_ggn.as_model_fn(static)
+    batch = data["input"].shape[0]
+    ref = dense_curvatures(model_fn, params, data, loss_fn, 1.0 / batch)
+    flat, unravel = ravel_pytree(params)
+    v = jax.random.normal(jax.random.key(1), flat.shape)
+
+    @eqx.filter_jit
+    def products(params, data, v):
+        out = {}
+        for curvature in ("ggn", "fisher", "empirical_fisher", "hessian"):
+            op = eqx_ggn.curvature_operator(
+                model_fn, params, data, loss_fn, curvature=curvature
+            )
+            out[curvature] = (op.as_matrix(), op.grad, op.loss, op.mv(unravel(v)))
+        return out
+
+    for curvature, (matrix, grad, loss, mv) in products(params, data, v).items():
+        assert_rel_close(matrix, ref[curvature])
+        assert_rel_close(ravel_pytree(grad)[0], ref["grad"])
+        assert_rel_close(loss, ref["loss"])
+        # The same product without `as_matrix`, on a random vector.
+        assert_rel_close(ravel_pytree(mv)[0], ref[curvature] @ v)
+
+
+@pytest.mark.parametrize(("kind", "loss_fn"), CASES, ids=IDS)
+@pytest.mark.parametrize("num_total_samples", [None, 1000])
+def test_seed_functions_match_dense(kind, loss_fn, num_total_samples):
+    model, data = make_problem(kind)
+    params, static = eqx_ggn.partition(model)
+    model_fn = eqx_ggn.as_model_fn(static)
+    batch = data["input"].shape[0]
+    factor = 1.0 if num_total_samples is None else num_total_samples / batch
+    ref = dense_curvatures(model_fn, params, data, loss_fn, factor)
+    kwargs = {"num_total_samples": num_total_samples}
+
+    @eqx.filter_jit
+    def matrices(params, data):
+        without = eqx_ggn.create_ggn_mv_without_data(model_fn, params, loss_fn, factor)
+        mvs = {
+            "ggn": eqx_ggn.create_ggn_mv(model_fn, params, data, loss_fn, **kwargs),
+            "fisher": eqx_ggn.create_fisher_mv(
+                model_fn, params, data, loss_fn, **kwargs
+            ),
+            "empirical_fisher": eqx_ggn.create_empirical_fisher_mv(
+                model_fn, params, data, loss_fn, **kwargs
+            ),
+            "hessian": eqx_ggn.create_hessian_mv(
+                model_fn, params, data, loss_fn, **kwargs
+            ),
+            "without_data": lambda v: without(v, data),
+        }
+        return {name: as_dense(mv, params) for name, mv in mvs.items()}
+
+    got = matrices(params, data)
+    for name in ("ggn", "fisher", "empirical_fisher", "hessian"):
+        assert_rel_close(got[name], ref[name])
+    assert_rel_close(got["without_data"], ref["ggn"])
+
+
+def test_num_curv_samples_scaling():
+    model, data = make_problem("onehot")
+    params, static = eqx_ggn.partition(model)
+    model_fn = eqx_ggn.as_model_fn(static)
+    ref = dense_curvatures(model_fn, params, data, "cross_entropy", 50 / 10)
+    ggn_mv = eqx_ggn.create_ggn_mv(
+        model_fn,
+        params,
+        data,
+        "cross_entropy",
+        num_curv_samples=10,
+        num_total_samples=50,
+    )
+    assert_rel_close(as_dense(ggn_mv, params), ref["ggn"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "loss_fn"),
+    [
+        ("regression", "mse"),
+        ("probabilities", "binary_cross_entropy"),
+        ("tokens_labels", "cross_entropy"),
+        ("regression", log_cosh_loss),
+    ],
+)
+def test_vmap_over_data_false(kind, loss_fn):
+    # The model is applied to the whole batch at once; built-in losses are sums, so
+    # applying them to the batch equals summing the per-sample losses.
+    model, data = make_problem(kind)
+    params, static = eqx_ggn.partition(model)
+    per_sample_fn = eqx_ggn.as_model_fn(static)
+
+    def batch_model_fn(input, params):  # noqa: A002
+        return jax.vmap(lambda x: per_sample_fn(input=x, params=params))(input)
+
+    ref = dense_curvatures(per_sample_fn, params, data, loss_fn, 1.0)
+    ggn_mv = eqx_ggn.create_ggn_mv(
+        batch_model_fn, params, data, loss_fn, vmap_over_data=False
+    )
+    assert_rel_close(as_dense(ggn_mv, params), ref["ggn"])
+    for curvature in ("empirical_fisher", "hessian"):
+        op = eqx_ggn.curvature_operator(
+            batch_model_fn,
+            params,
+            data,
+            loss_fn,
+            curvature=curvature,
+            factor=1.0,
+            vmap_over_data=False,
+        )
+        assert_rel_close(op.as_matrix(), ref[curvature])
+        assert_rel_close(ravel_pytree(op.grad)[0], ref["grad"])
+
+
+def test_custom_loss_hessian_mv_replaces_the_loss():
+    model, data = make_problem("regression")
+    params, static = eqx_ggn.partition(model)
+    model_fn = eqx_ggn.as_model_fn(static)
+    ref = dense_curvatures(model_fn, params, data, "mse", 1.0)
+
+    def twice(jv, *, pred, target):
+        del pred, target
+        return 2.0 * jv
+
+    ggn_mv = eqx_ggn.create_ggn_mv(model_fn, params, data, loss_hessian_mv=twice)
+    assert_rel_close(as_dense(ggn_mv, params), ref["ggn"])
+    op = eqx_ggn.curvature_operator(model_fn, params, data, loss_hessian_mv=twice)
+    assert op.loss is None and op.grad is None
+    assert_rel_close(op.as_matrix(), ref["ggn"] / data["input"].shape[0])
+
+
+def test_linear_model_mse_ggn_is_hessian():
+    key = jax.random.key(3)
+    params = {
+        "w": jax.random.normal(key, (3, 4), jnp.float64),
+        "b": jnp.ones(3, jnp.float64),
+    }
+
+    def model_fn(input, params):  # noqa: A002
+        return params["w"] @ input + params["b"]
+
+    x = jax.random.normal(jax.random.key(4), (8, 4))
+    data = {"input": x, "target": jax.random.normal(jax.random.key(5), (8, 3))}
+    flat, unravel = ravel_pytree(params)
+
+    def objective(fp):
+        pred = jax.vmap(lambda xi: model_fn(xi, unravel(fp)))(x)
+        return jnp.mean(jnp.sum((pred - data["target"]) ** 2, axis=-1))
+
+    exact = jax.hessian(objective)(flat)
+    ggn = eqx_ggn.curvature_operator(model_fn, params, data, "mse").as_matrix()
+    assert_rel_close(ggn, exact, tol=1e-12)
+
+
+def test_frozen_layers_stay_out_of_params():
+    model, data = make_problem("onehot")
+    # Train the last layer only.
+    spec = jax.tree.map(lambda _: False, model)
+    spec = eqx.tree_at(
+        lambda m: (m.layers[-1].weight, m.layers[-1].bias), spec, (True, True)
+    )
+    params, static = eqx_ggn.partition(model, spec)
+    assert len(jax.tree.leaves(params)) == 2
+    assert params.layers[0].weight is None
+    assert static.layers[0].weight is model.layers[0].weight
+    model_fn = eqx_ggn.as_model_fn(static)
+    ref = dense_curvatures(model_fn, params, data, "cross_entropy", 1 / 6)
+    op = eqx_ggn.curvature_operator(model_fn, params, data, "cross_entropy")
+    n_last = model.layers[-1].weight.size + model.layers[-1].bias.size
+    assert op.as_matrix().shape == (n_last, n_last)
+    assert_rel_close(op.as_matrix(), ref["ggn"])
+    assert_rel_close(ravel_pytree(op.grad)[0], ref["grad"])
+    assert op.grad.layers[0].weight is None
+
+
+def test_model_keyword_equals_model_fn_and_params():
+    model, data = make_problem("labels")
+    params, static = eqx_ggn.partition(model)
+    a = eqx_ggn.curvature_operator(model=model, data=data, loss_fn="cross_entropy")
+    b = eqx_ggn.curvature_operator(
+        eqx_ggn.as_model_fn(static), params, data, "cross_entropy"
+    )
+    assert_rel_close(a.as_matrix(), b.as_matrix(), tol=1e-14)
+    assert jax.tree.structure(a.grad) == jax.tree.structure(params)
+
+
+def test_cross_entropy_hessian_per_token():
+    # The loss Hessian along the last axis of (T, C) logits, against jax.hessian.
+    logits = jax.random.normal(jax.random.key(0), (3, 4), jnp.float64)
+    jv = jax.random.normal(jax.random.key(1), (3, 4), jnp.float64)
+    hmv = eqx_ggn.create_loss_hessian_mv("cross_entropy")
+    labels = jnp.array([0, 3, 1])
+    dense = jax.hessian(eqx_ggn.cross_entropy_loss)(logits, labels).reshape(12, 12)
+    assert_rel_close(hmv(jv, pred=logits, target=labels).ravel(), dense @ jv.ravel())
