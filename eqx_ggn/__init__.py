@@ -1,5 +1,6 @@
 """Exact, matrix-free curvature for JAX + Equinox + Optax."""
 
+from ._cg import CGResult as CGResult, CGStop as CGStop, cg as cg
 from ._ggn import (
     create_empirical_fisher_mv as create_empirical_fisher_mv,
     create_fisher_mv as create_fisher_mv,
@@ -17,6 +18,11 @@ from ._losses import (
 from ._operator import (
     CurvatureOperator as CurvatureOperator,
     curvature_operator as curvature_operator,
+)
+from ._optimizer import (
+    ScaleByGaussNewtonState as ScaleByGaussNewtonState,
+    gauss_newton as gauss_newton,
+    scale_by_gauss_newton as scale_by_gauss_newton,
 )
 from ._partition import as_model_fn as as_model_fn, partition as partition
 

@@ -36,6 +36,21 @@ def summed_loss(
     return loss(pred, target)
 
 
+def objective_value(
+    model_fn: Callable,
+    params: PyTree,
+    data: dict[str, Any],
+    loss_fn: LossFn,
+    factor: Float[Array, ""],
+    vmap_over_data: bool = True,
+) -> Float[Array, ""]:
+    """The objective `factor * sum_i loss_i` alone: one forward pass."""
+    loss = resolve_loss(loss_fn)[0]
+    pred = forward(model_fn, params, data["input"], vmap_over_data)
+    value = summed_loss(loss, pred, data["target"], vmap_over_data)
+    return jnp.asarray(factor, value.dtype) * value
+
+
 def _scale(tree: PyTree, factor: Array) -> PyTree:
     return jax.tree.map(lambda x: x * factor.astype(x.dtype), tree)
 

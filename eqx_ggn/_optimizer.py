@@ -1,0 +1,460 @@
+"""The Optax optimizer: damped Gauss-Newton / Hessian-free / natural-gradient steps."""
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from ._cg import cg
+from ._checks import check_like
+from ._losses import LossFn, resolve_loss
+from ._operator import CURVATURES, Curvature, curvature_operator, objective_value
+from ._partition import as_model_fn
+
+
+class ScaleByGaussNewtonState(NamedTuple):
+    """State of [`eqx_ggn.scale_by_gauss_newton`][]; every field is kept each step.
+
+    - `count`: the number of `update` calls.
+    - `damping`: the Tikhonov damping used in the last step (float32). With
+      `adaptive_damping=True` it is the value the next step starts from.
+    - `loss`: the objective at the last linearization point (float32).
+    - `cg_iterations`, `cg_residual`, `cg_stop_reason`: CG's step count, relative
+      residual and [`eqx_ggn.CGStop`][] in the last step.
+    - `reduction_ratio`: `(L(θ - d) - L(θ)) / q(-d)` with adaptive damping, else NaN.
+    - `accepted`: whether the last step was taken (rejected steps return zeros).
+    - `solution`: the last accepted CG solution (with `warm_start`), else `None`.
+    - `diagonal`: the running average of the curvature diagonal (with
+      `preconditioner="jacobi"`), else `None`.
+    - `momentum`: the momentum buffer (with non-zero `momentum`), else `None`.
+    """
+
+    count: Int[Array, ""]
+    damping: Float[Array, ""]
+    loss: Float[Array, ""]
+    cg_iterations: Int[Array, ""]
+    cg_residual: Float[Array, ""]
+    cg_stop_reason: Int[Array, ""]
+    reduction_ratio: Float[Array, ""]
+    accepted: Bool[Array, ""]
+    solution: PyTree | None
+    diagonal: PyTree | None
+    momentum: PyTree | None
+
+
+class _Config(eqx.Module, strict=True):
+    """Validated static configuration of the optimizer."""
+
+    loss_fn: LossFn
+    curvature: str
+    adaptive_damping: bool
+    cg_maxiter: int
+    warm_start: bool
+    preconditioner: str | None
+    vmap_over_data: bool
+
+    def __check_init__(self):
+        resolve_loss(self.loss_fn)  # raises for an unknown name
+        if self.curvature not in CURVATURES:
+            raise ValueError(
+                f"Unknown curvature {self.curvature!r}; valid ones are "
+                f"{list(CURVATURES)}."
+            )
+        if self.preconditioner not in (None, "jacobi"):
+            raise ValueError(
+                f"Unknown preconditioner {self.preconditioner!r}; valid ones are "
+                "[None, 'jacobi']."
+            )
+        if not isinstance(self.cg_maxiter, int) or self.cg_maxiter < 1:
+            raise ValueError(
+                f"cg_maxiter must be a positive int, got {self.cg_maxiter!r}."
+            )
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _check_numbers(**values: Any) -> None:
+    for name, (value, low, high) in values.items():
+        if _is_number(value) and not low <= value <= high:
+            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
+
+
+def _tree_where(cond: Array, a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def _all_finite(tree: PyTree) -> Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _vdot(a: PyTree, b: PyTree) -> Array:
+    return sum(
+        jnp.vdot(x.astype(jnp.float32 if x.dtype.itemsize < 4 else x.dtype), y)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def scale_by_gauss_newton(
+    loss_fn: LossFn = "mse",
+    *,
+    curvature: Curvature = "ggn",
+    damping: float = 1e-3,
+    adaptive_damping: bool = False,
+    lower_threshold: float = 0.25,
+    upper_threshold: float = 0.75,
+    damping_decrease: float = 2 / 3,
+    damping_increase: float = 3 / 2,
+    min_damping: float = 1e-8,
+    max_damping: float = 1e8,
+    cg_maxiter: int = 50,
+    cg_tol: float = 1e-5,
+    cg_progress_tol: float = 5e-4,
+    warm_start: bool = False,
+    warm_start_decay: float = 0.95,
+    preconditioner: str | None = None,
+    diagonal_decay: float = 0.95,
+    momentum: float = 0.0,
+    factor: float | None = None,
+    vmap_over_data: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Precondition the gradient with a damped curvature matrix, solved by CG.
+
+    Given the incoming updates `g` (the gradient of the package's objective
+    `factor * sum_i loss_i`, by default the batch mean), `update` linearizes the model
+    once on `batch`, then solves `(C + damping * I) d = g` matrix-free with
+    [`eqx_ggn.cg`][] and returns `d`. The sign is kept, as in
+    `optax.scale_by_adam`: follow with `optax.scale_by_learning_rate`, or use
+    [`eqx_ggn.gauss_newton`][].
+
+    - `curvature="ggn"`: Gauss-Newton (with `adaptive_damping`, Levenberg-Marquardt).
+    - `curvature="fisher"`: the **natural gradient**; for the built-in losses the
+      Fisher is the GGN, so this is the same step under its other name.
+    - `curvature="hessian"`: Hessian-free (truncated Newton); CG stops at the first
+      direction of non-positive curvature and returns the last good iterate.
+    - `curvature="empirical_fisher"`: `factor * sum_i g_i g_i^T`.
+
+    `update(updates, state, params, *, model_fn=None, model=None, batch=None,
+    **extra_args)`: `batch = {"input": X, "target": Y}`, and `model_fn(input=,
+    params=)` or, for an Equinox user, `model=` the module itself (frozen arrays
+    and other non-trained leaves are taken from it). Other keyword arguments are
+    ignored. Model state (dropout keys, BatchNorm statistics) must be fixed inside
+    `model_fn` for the step: every CG product then sees the same linearization.
+
+    **Arguments:**
+
+    - `loss_fn`: `"mse"`, `"cross_entropy"`, `"binary_cross_entropy"`, `"none"` or a
+        callable `loss(pred, target) -> scalar` for one sample.
+    - `curvature`: `"ggn"` | `"fisher"` | `"empirical_fisher"` | `"hessian"`.
+    - `damping`: the (initial) Tikhonov damping `λ`.
+    - `adaptive_damping`: the Levenberg-Marquardt rule. After the solve, one more
+        forward pass gives the reduction ratio
+        `rho = (L(θ - d) - L(θ)) / q(-d)`, `q(s) = ∇L^T s + s^T C s / 2`, on the same
+        batch (`d` taken as the whole step, i.e. learning rate 1). `rho <
+        lower_threshold` multiplies `λ` by `damping_increase`, `rho >
+        upper_threshold` by `damping_decrease`; `λ` is clipped to
+        `[min_damping, max_damping]`. A NaN `rho` or a loss increase rejects the step:
+        zero updates, and `λ` grows by `damping_increase`.
+    - `lower_threshold`, `upper_threshold`, `damping_decrease`, `damping_increase`,
+        `min_damping`, `max_damping`: the rule's constants.
+    - `cg_maxiter`, `cg_tol`, `cg_progress_tol`: CG's iteration cap, relative
+        residual tolerance and Martens' progress tolerance (see [`eqx_ggn.cg`][]).
+    - `warm_start`: start CG from `warm_start_decay` times the previous solution
+        (Martens 2010 uses 0.95).
+    - `preconditioner`: `None` or `"jacobi"`: divide by a running average (decay
+        `diagonal_decay`) of a one-sample Hutchinson estimate of the curvature's
+        diagonal, clipped at 0, plus `λ`. It costs one more product per step.
+    - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`.
+    - `factor`: the objective's factor; defaults to `1/batch_size` (the batch mean).
+    - `vmap_over_data`: apply `model_fn` per sample (default) or to the whole batch.
+
+    **Returns:**
+
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    [`eqx_ggn.ScaleByGaussNewtonState`][].
+
+    !!! example
+
+        ```python
+        import jax, jax.numpy as jnp, optax
+        import eqx_ggn
+
+        def model_fn(input, params):
+            return jnp.tanh(input @ params["w"])
+
+        params = {"w": jnp.zeros((3, 2))}
+        x = jax.random.normal(jax.random.key(0), (16, 3))
+        batch = {"input": x, "target": jnp.tanh(x @ jnp.ones((3, 2)))}
+        opt = optax.chain(
+            eqx_ggn.scale_by_gauss_newton("mse", damping=1e-4, cg_maxiter=6),
+            optax.scale_by_learning_rate(1.0),
+        )
+        state = opt.init(params)
+        for _ in range(5):
+            grads = jax.grad(
+                lambda p: jnp.mean(jnp.sum((model_fn(x, p) - batch["target"]) ** 2, 1))
+            )(params)
+            updates, state = opt.update(
+                grads, state, params, model_fn=model_fn, batch=batch
+            )
+            params = optax.apply_updates(params, updates)
+        ```
+    """
+    config = _Config(
+        loss_fn=loss_fn,
+        curvature=curvature,
+        adaptive_damping=adaptive_damping,
+        cg_maxiter=cg_maxiter,
+        warm_start=warm_start,
+        preconditioner=preconditioner,
+        vmap_over_data=vmap_over_data,
+    )
+    _check_numbers(
+        damping=(damping, 0, float("inf")),
+        min_damping=(min_damping, 0, float("inf")),
+        max_damping=(max_damping, 0, float("inf")),
+        cg_tol=(cg_tol, 0, float("inf")),
+        momentum=(momentum, 0, 1),
+        warm_start_decay=(warm_start_decay, 0, 1),
+        diagonal_decay=(diagonal_decay, 0, 1),
+        damping_decrease=(damping_decrease, 0, 1),
+        damping_increase=(damping_increase, 1, float("inf")),
+    )
+    use_momentum = not (_is_number(momentum) and momentum == 0)
+
+    def init_fn(params: PyTree) -> ScaleByGaussNewtonState:
+        def zeros():
+            return jax.tree.map(jnp.zeros_like, params)
+
+        return ScaleByGaussNewtonState(
+            count=jnp.zeros([], jnp.int32),
+            damping=jnp.asarray(damping, jnp.float32),
+            loss=jnp.asarray(jnp.nan, jnp.float32),
+            cg_iterations=jnp.zeros([], jnp.int32),
+            cg_residual=jnp.asarray(jnp.nan, jnp.float32),
+            cg_stop_reason=jnp.asarray(-1, jnp.int32),
+            reduction_ratio=jnp.asarray(jnp.nan, jnp.float32),
+            accepted=jnp.asarray(True),
+            solution=zeros() if config.warm_start else None,
+            diagonal=zeros() if config.preconditioner == "jacobi" else None,
+            momentum=zeros() if use_momentum else None,
+        )
+
+    def update_fn(
+        updates: PyTree,
+        state: ScaleByGaussNewtonState,
+        params: PyTree | None = None,
+        *,
+        model_fn: Callable | None = None,
+        model: eqx.Module | None = None,
+        batch: dict[str, Any] | None = None,
+        **extra_args: Any,
+    ) -> tuple[PyTree, ScaleByGaussNewtonState]:
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "scale_by_gauss_newton needs the current params: call "
+                "update(updates, state, params, model_fn=..., batch=...)."
+            )
+        if batch is None:
+            raise ValueError(
+                "scale_by_gauss_newton needs the batch: call update(updates, state, "
+                "params, model_fn=..., batch={'input': X, 'target': Y})."
+            )
+        if model_fn is None and model is None:
+            raise ValueError(
+                "scale_by_gauss_newton needs the model: pass model_fn=... "
+                "(model_fn(input=, params=)) or, for an Equinox module, model=... "
+                "to update()."
+            )
+        if model_fn is None:
+            model_fn = as_model_fn(model)  # `params` take precedence over its leaves
+        check_like("updates", updates, params, "params")
+
+        op = curvature_operator(
+            model_fn,
+            params,
+            batch,
+            config.loss_fn,
+            curvature=config.curvature,
+            factor=factor,
+            vmap_over_data=config.vmap_over_data,
+        )
+        lam = state.damping if config.adaptive_damping else damping
+        lam = jnp.asarray(lam, jnp.float32)
+
+        def damped_mv(v):
+            return jax.tree.map(lambda cv, x: cv + lam.astype(x.dtype) * x, op.mv(v), v)
+
+        diagonal, precond = state.diagonal, None
+        if config.preconditioner == "jacobi":
+            key = jax.random.fold_in(jax.random.key(0), state.count)
+            leaves, treedef = jax.tree.flatten(params)
+            keys = jax.random.split(key, len(leaves))
+            probe = jax.tree.unflatten(
+                treedef,
+                [
+                    jax.random.rademacher(k, x.shape, x.dtype)
+                    for k, x in zip(keys, leaves, strict=True)
+                ],
+            )
+            estimate = jax.tree.map(jnp.multiply, probe, op.mv(probe))
+            diagonal = jax.tree.map(
+                lambda old, new: (
+                    diagonal_decay * old + (1 - diagonal_decay) * new
+                ).astype(old.dtype),
+                state.diagonal,
+                estimate,
+            )
+            debias = 1 - jnp.asarray(diagonal_decay, jnp.float32) ** (state.count + 1)
+
+            def precond(r):
+                return jax.tree.map(
+                    lambda x, dg: (
+                        x / (jnp.maximum(dg / debias, 0) + lam).astype(x.dtype)
+                    ),
+                    r,
+                    diagonal,
+                )
+
+        x0 = None
+        if config.warm_start:
+            x0 = jax.tree.map(lambda s: warm_start_decay * s, state.solution)
+        result = cg(
+            damped_mv,
+            updates,
+            x0,
+            tol=cg_tol,
+            maxiter=config.cg_maxiter,
+            preconditioner=precond,
+            progress_tol=cg_progress_tol,
+        )
+        direction = result.value
+        finite = _all_finite(direction) & jnp.isfinite(op.loss)
+
+        if config.adaptive_damping:
+            trial = jax.tree.map(jnp.subtract, params, direction)
+            new_loss = objective_value(
+                model_fn, trial, batch, config.loss_fn, op.factor, config.vmap_over_data
+            )
+            predicted = -_vdot(op.grad, direction) + 0.5 * _vdot(
+                direction, op.mv(direction)
+            )
+            rho = ((new_loss - op.loss) / predicted).astype(jnp.float32)
+            accepted = finite & jnp.isfinite(rho) & (new_loss <= op.loss)
+            grown = jnp.where(rho < lower_threshold, lam * damping_increase, lam)
+            adapted = jnp.where(rho > upper_threshold, lam * damping_decrease, grown)
+            new_damping = jnp.where(accepted, adapted, lam * damping_increase)
+            new_damping = jnp.clip(new_damping, min_damping, max_damping)
+        else:
+            rho = jnp.asarray(jnp.nan, jnp.float32)
+            accepted = finite
+            new_damping = lam
+
+        zeros = jax.tree.map(jnp.zeros_like, direction)
+        step = direction
+        momentum_buffer = state.momentum
+        if use_momentum:
+            momentum_buffer = _tree_where(
+                accepted,
+                jax.tree.map(
+                    lambda m, d: (momentum * m + d).astype(m.dtype),
+                    state.momentum,
+                    direction,
+                ),
+                state.momentum,
+            )
+            step = momentum_buffer
+        solution = state.solution
+        if config.warm_start:
+            solution = _tree_where(accepted, direction, state.solution)
+        new_state = ScaleByGaussNewtonState(
+            count=state.count + 1,
+            damping=jnp.asarray(new_damping, jnp.float32),
+            loss=jnp.asarray(op.loss, jnp.float32),
+            cg_iterations=jnp.asarray(result.num_steps, jnp.int32),
+            cg_residual=jnp.asarray(result.residual_norm, jnp.float32),
+            cg_stop_reason=jnp.asarray(result.stop_reason, jnp.int32),
+            reduction_ratio=rho,
+            accepted=jnp.asarray(accepted),
+            solution=solution,
+            diagonal=diagonal,
+            momentum=momentum_buffer,
+        )
+        return _tree_where(accepted, step, zeros), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def gauss_newton(
+    learning_rate: optax.ScalarOrSchedule, **kwargs: Any
+) -> optax.GradientTransformationExtraArgs:
+    r"""Damped Gauss-Newton, natural-gradient or Hessian-free training for Optax.
+
+    `optax.chain(scale_by_gauss_newton(**kwargs),
+    optax.scale_by_learning_rate(learning_rate))`: a drop-in for `optax.adam` with
+    the extra keyword arguments `model_fn=` (or `model=`) and `batch=` on `update`.
+
+    **Arguments:**
+
+    - `learning_rate`: a number or an Optax schedule. 1.0 is the full (damped)
+        Gauss-Newton step.
+    - `**kwargs`: every keyword argument of [`eqx_ggn.scale_by_gauss_newton`][]
+        (`loss_fn`, `curvature`, `damping`, `adaptive_damping`, `cg_maxiter`, ...).
+
+    **Returns:**
+
+    An `optax.GradientTransformationExtraArgs`.
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax, jax.numpy as jnp, optax
+        import eqx_ggn
+
+        model = eqx.nn.MLP(2, 3, 16, 1, key=jax.random.key(0))
+        x = jax.random.normal(jax.random.key(1), (64, 2))
+        batch = {"input": x, "target": (x[:, 0] > 0).astype(int)}
+        opt = eqx_ggn.gauss_newton(
+            learning_rate=1.0, loss_fn="cross_entropy", damping=1e-3
+        )
+        state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+
+        @eqx.filter_jit
+        def step(model, state):
+            def loss(m):
+                logits = jax.vmap(m)(batch["input"])
+                losses = jax.vmap(eqx_ggn.cross_entropy_loss)(logits, batch["target"])
+                return losses.mean()
+
+            grads = eqx.filter_grad(loss)(model)
+            params = eqx.filter(model, eqx.is_inexact_array)
+            updates, state = opt.update(grads, state, params, model=model, batch=batch)
+            return eqx.apply_updates(model, updates), state
+
+        for _ in range(3):
+            model, state = step(model, state)
+        ```
+    """
+    return optax.chain(
+        scale_by_gauss_newton(**kwargs), optax.scale_by_learning_rate(learning_rate)
+    )
+
+
+# Expose scale_by_gauss_newton's keywords in gauss_newton's signature, so that
+# `optax.inject_hyperparams(gauss_newton, static_args=...)` sees them.
+gauss_newton.__signature__ = inspect.Signature(
+    [inspect.signature(gauss_newton).parameters["learning_rate"]]
+    + [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(scale_by_gauss_newton).parameters.values()
+    ],
+    return_annotation=optax.GradientTransformationExtraArgs,
+)
