@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
+from ._tree import tree_dot
+
 
 class CGStop(enum.IntEnum):
     """Why [`eqx_ggn.cg`][] stopped (`CGResult.stop_reason` holds the value)."""
@@ -45,13 +47,6 @@ class CGResult(eqx.Module):
 def _compute_dtype(tree: PyTree) -> jnp.dtype:
     # Accumulate in at least float32 (bf16/fp16 inputs are promoted).
     return jnp.result_type(jnp.float32, *jax.tree.leaves(tree))
-
-
-def _dot(a: PyTree, b: PyTree) -> Array:
-    return sum(
-        jnp.vdot(x, y).real
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
 
 
 def _axpy(alpha: Array, x: PyTree, y: PyTree) -> PyTree:
@@ -135,14 +130,14 @@ def cg(
 
     tol = jnp.asarray(tol, dtype)
     progress_tol = jnp.asarray(progress_tol, dtype)
-    b_norm = jnp.sqrt(_dot(b, b))
+    b_norm = jnp.sqrt(tree_dot(b, b))
     threshold = tol * b_norm
     r0 = b if start_at_zero else jax.tree.map(jnp.subtract, b, apply_a(x0))
     z0 = apply_m(r0)
-    rz0 = _dot(r0, z0)
+    rz0 = tree_dot(r0, z0)
     phis = jnp.zeros(maxiter + 1, dtype)
-    phis = phis.at[0].set(-0.5 * _dot(x0, jax.tree.map(jnp.add, b, r0)))
-    r0_norm = jnp.sqrt(_dot(r0, r0))
+    phis = phis.at[0].set(-0.5 * tree_dot(x0, jax.tree.map(jnp.add, b, r0)))
+    r0_norm = jnp.sqrt(tree_dot(r0, r0))
     zero_rhs = b_norm == 0
     first_stop = jnp.where(
         zero_rhs | (r0_norm <= threshold),
@@ -168,18 +163,18 @@ def cg(
     def body(state):
         x, r, z, p, rz, _, i, _, phis = state
         ap = apply_a(p)
-        pap = _dot(p, ap)
+        pap = tree_dot(p, ap)
         curvature_ok = pap > 0
         alpha = jnp.where(curvature_ok, rz / jnp.where(curvature_ok, pap, 1), 0)
         x_new = _axpy(alpha, p, x)
         r_new = _axpy(-alpha, ap, r)
         z_new = apply_m(r_new)
-        rz_new = _dot(r_new, z_new)
+        rz_new = tree_dot(r_new, z_new)
         beta = rz_new / jnp.where(rz == 0, 1, rz)
         p_new = _axpy(beta, p, z_new)
-        r_norm = jnp.sqrt(_dot(r_new, r_new))
+        r_norm = jnp.sqrt(tree_dot(r_new, r_new))
         i_new = i + 1
-        phi = -0.5 * _dot(x_new, jax.tree.map(jnp.add, b, r_new))
+        phi = -0.5 * tree_dot(x_new, jax.tree.map(jnp.add, b, r_new))
         phis = phis.at[i_new].set(phi)
         k = jnp.maximum(10, jnp.ceil(0.1 * i_new).astype(i_new.dtype))
         phi_k = phis[jnp.maximum(i_new - k, 0)]
@@ -221,7 +216,7 @@ def cg(
             z,
         )
         r_out = jax.tree.map(lambda old, new: jnp.where(keep_old, old, new), r, r_new)
-        r_norm_out = jnp.where(keep_old, jnp.sqrt(_dot(r, r)), r_norm)
+        r_norm_out = jnp.where(keep_old, jnp.sqrt(tree_dot(r, r)), r_norm)
         return (x_out, r_out, z_new, p_new, rz_new, r_norm_out, i_new, stop, phis)
 
     x, _, _, _, _, r_norm, steps, stop, _ = jax.lax.while_loop(cond, body, init)

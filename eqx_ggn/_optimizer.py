@@ -15,6 +15,7 @@ from ._checks import check_like
 from ._losses import LossFn, resolve_loss
 from ._operator import CURVATURES, Curvature, curvature_operator, objective_value
 from ._partition import as_model_fn
+from ._tree import tree_all_finite, tree_dot, tree_where
 
 
 class ScaleByGaussNewtonState(NamedTuple):
@@ -84,21 +85,6 @@ def _check_numbers(**values: Any) -> None:
     for name, (value, low, high) in values.items():
         if _is_number(value) and not low <= value <= high:
             raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
-
-
-def _tree_where(cond: Array, a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
-
-
-def _all_finite(tree: PyTree) -> Array:
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _vdot(a: PyTree, b: PyTree) -> Array:
-    return sum(
-        jnp.vdot(x.astype(jnp.float32 if x.dtype.itemsize < 4 else x.dtype), y)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
 
 
 def scale_by_gauss_newton(
@@ -305,14 +291,14 @@ def scale_by_gauss_newton(
                 ],
             )
             estimate = jax.tree.map(jnp.multiply, probe, op.mv(probe))
+            # One float32 value, whether the hyperparameter is a number or an array.
+            decay = jnp.asarray(diagonal_decay, jnp.float32)
             diagonal = jax.tree.map(
-                lambda old, new: (
-                    diagonal_decay * old + (1 - diagonal_decay) * new
-                ).astype(old.dtype),
+                lambda old, new: (decay * old + (1 - decay) * new).astype(old.dtype),
                 state.diagonal,
                 estimate,
             )
-            debias = 1 - jnp.asarray(diagonal_decay, jnp.float32) ** (state.count + 1)
+            debias = 1 - decay ** (state.count + 1)
 
             def precond(r):
                 return jax.tree.map(
@@ -336,14 +322,14 @@ def scale_by_gauss_newton(
             progress_tol=cg_progress_tol,
         )
         direction = result.value
-        finite = _all_finite(direction) & jnp.isfinite(op.loss)
+        finite = tree_all_finite(direction) & jnp.isfinite(op.loss)
 
         if config.adaptive_damping:
             trial = jax.tree.map(jnp.subtract, params, direction)
             new_loss = objective_value(
                 model_fn, trial, batch, config.loss_fn, op.factor, config.vmap_over_data
             )
-            predicted = -_vdot(op.grad, direction) + 0.5 * _vdot(
+            predicted = -tree_dot(op.grad, direction) + 0.5 * tree_dot(
                 direction, op.mv(direction)
             )
             rho = ((new_loss - op.loss) / predicted).astype(jnp.float32)
@@ -361,7 +347,7 @@ def scale_by_gauss_newton(
         step = direction
         momentum_buffer = state.momentum
         if use_momentum:
-            momentum_buffer = _tree_where(
+            momentum_buffer = tree_where(
                 accepted,
                 jax.tree.map(
                     lambda m, d: (momentum * m + d).astype(m.dtype),
@@ -373,7 +359,7 @@ def scale_by_gauss_newton(
             step = momentum_buffer
         solution = state.solution
         if config.warm_start:
-            solution = _tree_where(accepted, direction, state.solution)
+            solution = tree_where(accepted, direction, state.solution)
         new_state = ScaleByGaussNewtonState(
             count=state.count + 1,
             damping=jnp.asarray(new_damping, jnp.float32),
@@ -387,7 +373,7 @@ def scale_by_gauss_newton(
             diagonal=diagonal,
             momentum=momentum_buffer,
         )
-        return _tree_where(accepted, step, zeros), new_state
+        return tree_where(accepted, step, zeros), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

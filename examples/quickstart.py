@@ -1,10 +1,9 @@
-"""Quickstart: Gauss-Newton with eqx_ggn's curvature operator next to Adam.
+"""Quickstart: eqx_ggn.gauss_newton next to optax.adam on a small regression.
 
-Fits an `eqx.nn.MLP` to a noisy 1-D function. Each Gauss-Newton step linearizes the
-model once (`eqx_ggn.curvature_operator`), takes the loss, gradient and GGN of the
-batch-mean objective from that one linearization, and solves the damped system
-`(G + damping * I) d = grad` (densely here: the model is small), with the
-Levenberg-Marquardt rule for the damping. Adam runs on the same data and objective.
+Fits an `eqx.nn.MLP` to a noisy 1-D function. `eqx_ggn.gauss_newton` is used exactly
+like `optax.adam`, with `model=` and `batch=` passed to `update`: each step
+linearizes the model once, solves the damped Gauss-Newton system by conjugate
+gradient and adapts the damping with the Levenberg-Marquardt rule.
 
 Run: `python examples/quickstart.py` (about 15 s on 2 CPU cores), or
 `python examples/quickstart.py --quick` for a smoke run.
@@ -24,7 +23,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optax
-from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
 import eqx_ggn
@@ -53,54 +51,44 @@ def objective(model, data):
     return jnp.mean(jax.vmap(eqx_ggn.mse_loss)(pred, data["target"]))
 
 
-# %% Gauss-Newton / Levenberg-Marquardt with the linearize-once operator.
-@eqx.filter_jit
-def gauss_newton_step(model, damping, data):
-    params, static = eqx_ggn.partition(model)
-    op = eqx_ggn.curvature_operator(model=model, data=data, loss_fn="mse")
-    ggn = op.as_matrix()
-    flat_grad, unravel = ravel_pytree(op.grad)
-    step = jnp.linalg.solve(ggn + damping * jnp.eye(len(flat_grad)), -flat_grad)
-    trial = jax.tree.map(jnp.add, params, unravel(step))
-    predicted = flat_grad @ step + 0.5 * step @ (ggn @ step)  # quadratic model
-    rho = (objective(eqx.combine(trial, static), data) - op.loss) / predicted
-    accept = rho > 0  # a NaN rho is rejected too
-    params = jax.tree.map(lambda new, old: jnp.where(accept, new, old), trial, params)
-    model = eqx.combine(params, static)
-    damping = jnp.where(
-        rho > 0.75, damping / 3, jnp.where(rho < 0.25, damping * 2, damping)
-    )
-    return model, jnp.clip(damping, 1e-9, 1e6), op.loss
-
-
-def run_gauss_newton(model, steps):
-    damping, history, start = jnp.asarray(1.0), [], time.perf_counter()
-    for _ in tqdm(range(steps), desc="gauss-newton"):
-        model, damping, loss = gauss_newton_step(model, damping, data)
-        history.append((time.perf_counter() - start, float(loss)))
-    return model, history
-
-
-# %% Adam on the same objective.
-def run_adam(model, steps, learning_rate=3e-3):
-    opt = optax.adam(learning_rate)
-    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+# %% The same training loop for both optimizers: only `update`'s keywords differ.
+def train(model, opt, steps, name, update_kwargs):
+    opt_state = opt.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit
-    def step(model, state):
+    def step(model, opt_state):
         loss, grads = eqx.filter_value_and_grad(objective)(model, data)
-        updates, state = opt.update(grads, state, model)
-        return eqx.apply_updates(model, updates), state, loss
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, opt_state = opt.update(
+            grads, opt_state, params, **update_kwargs(model)
+        )
+        return eqx.apply_updates(model, updates), opt_state, loss
 
     history, start = [], time.perf_counter()
-    for _ in tqdm(range(steps), desc="adam"):
-        model, state, loss = step(model, state)
+    for _ in tqdm(range(steps), desc=name):
+        model, opt_state, loss = step(model, opt_state)
         history.append((time.perf_counter() - start, float(loss)))
     return model, history
 
 
-gn_model, gn_history = run_gauss_newton(model, args.steps)
-adam_model, adam_history = run_adam(model, args.adam_steps)
+gauss_newton = eqx_ggn.gauss_newton(
+    learning_rate=1.0,
+    loss_fn="mse",
+    adaptive_damping=True,
+    damping=1.0,
+    cg_maxiter=100,
+    cg_tol=1e-8,
+)
+gn_model, gn_history = train(
+    model,
+    gauss_newton,
+    args.steps,
+    "gauss-newton",
+    update_kwargs=lambda m: {"model": m, "batch": data},
+)
+adam_model, adam_history = train(
+    model, optax.adam(3e-3), args.adam_steps, "adam", update_kwargs=lambda m: {}
+)
 
 # %% Results table.
 rows = [
