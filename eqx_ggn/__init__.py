@@ -1,6 +1,13 @@
 """Exact, matrix-free curvature for JAX + Equinox + Optax."""
 
 from ._cg import CGResult as CGResult, CGStop as CGStop, cg as cg
+from ._estimators import (
+    exact_diagonal as exact_diagonal,
+    hutchinson_diagonal as hutchinson_diagonal,
+    hutchinson_trace as hutchinson_trace,
+    spectral_density as spectral_density,
+    top_eigenvalues as top_eigenvalues,
+)
 from ._ggn import (
     create_empirical_fisher_mv as create_empirical_fisher_mv,
     create_fisher_mv as create_fisher_mv,
@@ -14,6 +21,12 @@ from ._losses import (
     cross_entropy_loss as cross_entropy_loss,
     identity_loss as identity_loss,
     mse_loss as mse_loss,
+)
+from ._monitor import (
+    CurvatureMetrics as CurvatureMetrics,
+    CurvatureMonitor as CurvatureMonitor,
+    MonitorCurvatureState as MonitorCurvatureState,
+    monitor_curvature as monitor_curvature,
 )
 from ._operator import (
     CurvatureOperator as CurvatureOperator,
