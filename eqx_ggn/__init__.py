@@ -38,6 +38,10 @@ from ._optimizer import (
     scale_by_gauss_newton as scale_by_gauss_newton,
 )
 from ._partition import as_model_fn as as_model_fn, partition as partition
+from ._plot import (
+    plot_curvature_history as plot_curvature_history,
+    plot_spectral_density as plot_spectral_density,
+)
 
 
 __version__ = "0.1.0"

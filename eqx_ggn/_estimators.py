@@ -27,35 +27,43 @@ def _flat_mv(mv: Callable, params: PyTree) -> tuple[Callable, Callable, int, Any
 def _lanczos(flat_mv: Callable, v0: Array, num_iters: int) -> tuple[Array, Array]:
     """`num_iters` Lanczos steps from `v0` with full reorthogonalisation.
 
-    Returns the tridiagonal matrix `T` (m x m) and the basis `Q` (m x P).
+    Returns the tridiagonal matrix `T` (m x m) and the basis `Q` (m x P). After the
+    three-term recurrence, each new vector is orthogonalised against the whole basis
+    by classical Gram-Schmidt, and a second time only when that pass removed most of
+    it (the Daniel-Gragg-Kaufman-Stewart test). Rows of the basis not yet filled are
+    zero, so a pass costs two matrix-vector products with the basis and no copies.
     """
-    size = v0.shape[0]
     m = num_iters
     v0 = v0 / jnp.linalg.norm(v0)
-    basis = jnp.zeros((m, size), v0.dtype).at[0].set(v0)
+    basis = jnp.zeros((m + 1, v0.shape[0]), v0.dtype).at[0].set(v0)
 
     def body(i, carry):
         basis, alphas, betas = carry
+
+        def orthogonalise(w):
+            return w - basis.T @ (basis @ w)
+
         q = basis[i]
+        previous = jnp.where(i > 0, betas[jnp.maximum(i - 1, 0)], 0)
         w = flat_mv(q)
         alpha = jnp.vdot(q, w)
-        # Full reorthogonalisation against every basis vector so far (twice).
-        mask = (jnp.arange(m) <= i).astype(w.dtype)[:, None]
-        for _ in range(2):
-            w = w - (mask * basis).T @ ((mask * basis) @ w)
+        w = w - alpha * q - previous * basis[jnp.maximum(i - 1, 0)]
+        once = orthogonalise(w)
+        norm_once = jnp.linalg.norm(once)
+        w = jax.lax.cond(
+            norm_once < 0.7071 * jnp.linalg.norm(w), orthogonalise, lambda x: x, once
+        )
         beta = jnp.linalg.norm(w)
         safe = beta > jnp.finfo(w.dtype).eps * jnp.maximum(1.0, jnp.abs(alpha))
         nxt = jnp.where(safe, w / jnp.where(safe, beta, 1), 0)
-        basis = jnp.where(
-            i + 1 < m, basis.at[jnp.minimum(i + 1, m - 1)].set(nxt), basis
-        )
+        basis = basis.at[i + 1].set(nxt)
         return basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(safe, beta, 0))
 
     alphas = jnp.zeros(m, v0.dtype)
     betas = jnp.zeros(m, v0.dtype)
     basis, alphas, betas = jax.lax.fori_loop(0, m, body, (basis, alphas, betas))
     tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-    return tri, basis
+    return tri, basis[:m]
 
 
 def _check_iters(num_iters: int, size: int, name: str = "num_iters") -> int:
@@ -111,7 +119,7 @@ def top_eigenvalues(
     m = _check_iters(num_iters, size)
     if not isinstance(k, int) or not 1 <= k <= m:
         raise ValueError(f"k must be an int in [1, {m}], got {k!r}.")
-    v0 = jax.random.normal(key, (size,), dtype)
+    v0 = _rademacher(key, 1, size, dtype)[0]
     tri, basis = _lanczos(flat_mv, v0, m)
     evals, evecs = jnp.linalg.eigh(tri)
     order = jnp.argsort(evals)[::-1][:k]
@@ -122,7 +130,10 @@ def top_eigenvalues(
 
 
 def _rademacher(key: PRNGKeyArray, num: int, size: int, dtype: Any) -> Array:
-    return jax.random.rademacher(key, (num, size), dtype)
+    """`num` Rademacher vectors of length `size`, 32 signs per random 32-bit word."""
+    words = jax.random.bits(key, (num, -(-size // 32)), jnp.uint32)
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return (2 * bits.reshape(num, -1)[:, :size].astype(dtype) - 1).astype(dtype)
 
 
 def hutchinson_trace(
