@@ -11,26 +11,14 @@ Usage: `python benchmarks/monitor.py`
 
 import datetime
 import platform
-import statistics
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from mvp import make_case
+from mvp import _median_time, make_case
 
 import eqx_ggn
-
-
-def _median(fn, *args, repeats=20):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -72,13 +60,14 @@ def main():
     def hutchinson_only(op, p):
         return eqx_ggn.hutchinson_trace(op, p, key=jax.random.key(0), num_samples=10)
 
-    t_train = _median(train_step, params, opt_state)
-    t_monitor = _median(monitor_step, params, jnp.asarray(0))
-    t_lin = _median(linearize, params)
+    t_train = _median_time(train_step, params, opt_state, repeats=20)
+    t_monitor = _median_time(monitor_step, params, jnp.asarray(0), repeats=20)
+    t_lin = _median_time(linearize, params, repeats=20)
     op = linearize(params)
-    t_mvp = _median(mvps, op, jax.tree.map(jnp.ones_like, params)) / 10
-    t_lanczos = _median(lanczos_only, op, params)
-    t_hutchinson = _median(hutchinson_only, op, params)
+    v = jax.tree.map(jnp.ones_like, params)
+    t_mvp = _median_time(mvps, op, v, repeats=20) / 10
+    t_lanczos = _median_time(lanczos_only, op, params, repeats=20)
+    t_hutchinson = _median_time(hutchinson_only, op, params, repeats=20)
     predicted = t_lin + 30 * t_mvp
     device = jax.devices()[0]
     print(
