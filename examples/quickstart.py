@@ -5,7 +5,7 @@ like `optax.adam`, with `model=` and `batch=` passed to `update`: each step
 linearizes the model once, solves the damped Gauss-Newton system by conjugate
 gradient and adapts the damping with the Levenberg-Marquardt rule.
 
-Run: `python examples/quickstart.py` (about 15 s on 2 CPU cores), or
+Run: `python examples/quickstart.py` (under 10 s on 2 CPU cores), or
 `python examples/quickstart.py --quick` for a smoke run.
 """
 
