@@ -1,7 +1,7 @@
 """The linearize-once curvature operator."""
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -43,12 +43,31 @@ def objective_value(
     loss_fn: LossFn,
     factor: Float[Array, ""],
     vmap_over_data: bool = True,
+    num_microbatches: int = 1,
 ) -> Float[Array, ""]:
     """The objective `factor * sum_i loss_i` alone: one forward pass."""
     loss = resolve_loss(loss_fn)[0]
-    pred = forward(model_fn, params, data["input"], vmap_over_data)
-    value = summed_loss(loss, pred, data["target"], vmap_over_data)
+
+    def chunk_value(chunk):
+        pred = forward(model_fn, params, chunk["input"], vmap_over_data)
+        return summed_loss(loss, pred, chunk["target"], vmap_over_data)
+
+    if num_microbatches == 1:
+        value = chunk_value(data)
+    else:
+        value = jnp.sum(
+            jax.lax.map(chunk_value, to_microbatches(data, num_microbatches))
+        )
     return jnp.asarray(factor, value.dtype) * value
+
+
+def to_microbatches(tree: PyTree, n: int) -> PyTree:
+    """Reshape every leaf's leading batch axis `B` into `(n, B // n)`."""
+    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n, *x.shape[1:])), tree)
+
+
+def _from_microbatches(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])), tree)
 
 
 def _scale(tree: PyTree, factor: Array) -> PyTree:
@@ -63,6 +82,64 @@ def _per_sample_outer(loss_grads: PyTree, jv: PyTree) -> PyTree:
     s = sum(jax.tree.leaves(jax.tree.map(dot, loss_grads, jv)))
     return jax.tree.map(
         lambda r: r * s.reshape((-1,) + (1,) * (r.ndim - 1)), loss_grads
+    )
+
+
+class _Linearization(NamedTuple):
+    value: Float[Array, ""] | None
+    pred: PyTree
+    grad: PyTree | None
+    linear_fn: Callable
+    loss_grads: PyTree | None
+
+
+def _value_and_grad(lin: _Linearization) -> tuple:
+    return lin.value, lin.grad
+
+
+def _linearize(
+    model_fn: Callable,
+    params: PyTree,
+    data: dict[str, Any],
+    loss_fn: LossFn,
+    curvature: str,
+    factor: Float[Array, ""],
+    vmap_over_data: bool,
+) -> _Linearization:
+    """One forward pass and `jax.linearize` on one (micro-)batch.
+
+    `value` and `grad` are this batch's share, `factor * sum_i` over its samples.
+    """
+    loss = resolve_loss(loss_fn)[0]
+    inputs, target = data["input"], data["target"]
+
+    def predict(p):
+        pred = forward(model_fn, p, inputs, vmap_over_data)
+        check_target(loss_fn, pred, target)
+        return pred
+
+    if curvature == "hessian":
+
+        def objective(p):
+            pred = predict(p)
+            value = summed_loss(loss, pred, target, vmap_over_data)
+            return factor.astype(value.dtype) * value, pred
+
+        def gradient(p):
+            (value, pred), g = jax.value_and_grad(objective, has_aux=True)(p)
+            return g, (value, pred)
+
+        grad, linear_fn, (value, pred) = jax.linearize(gradient, params, has_aux=True)
+        return _Linearization(value, pred, grad, linear_fn, None)
+    pred, linear_fn = jax.linearize(predict, params)
+    if loss is None:
+        return _Linearization(None, pred, None, linear_fn, None)
+    value, loss_grads = jax.value_and_grad(
+        lambda z: summed_loss(loss, z, target, vmap_over_data)
+    )(pred)
+    (grad,) = jax.linear_transpose(linear_fn, params)(_scale(loss_grads, factor))
+    return _Linearization(
+        factor.astype(value.dtype) * value, pred, grad, linear_fn, loss_grads
     )
 
 
@@ -102,13 +179,18 @@ class CurvatureOperator(eqx.Module):
     predictions: PyTree
     grad: PyTree | None
     factor: Float[Array, ""]
-    linear_fn: Callable
+    linear_fn: Callable | None
     target: PyTree
     loss_grads: PyTree | None
+    params: PyTree | None
+    inputs: PyTree | None
     curvature: str = eqx.field(static=True)
     vmap_over_data: bool = eqx.field(static=True)
     loss_hessian_mv: Callable | None = eqx.field(static=True)
     params_struct: Any = eqx.field(static=True)
+    num_microbatches: int = eqx.field(static=True, default=1)
+    model_fn: Callable | None = eqx.field(static=True, default=None)
+    loss_fn: LossFn | None = eqx.field(static=True, default=None)
 
     def _params_template(self) -> PyTree:
         treedef, leaves = self.params_struct
@@ -129,18 +211,57 @@ class CurvatureOperator(eqx.Module):
         template = self._params_template()
         check_like("vector", vector, template, "params")
         vector = jax.tree.map(lambda v, t: jnp.asarray(v, t.dtype), vector, template)
+        if self.num_microbatches == 1 and self.model_fn is None:
+            return self._product(
+                self.linear_fn, self.predictions, self.target, self.loss_grads, vector
+            )
+        chunks = to_microbatches(
+            (self.predictions, self.target, self.loss_grads, self.inputs),
+            self.num_microbatches,
+        )
+
+        def accumulate(total, xs):
+            linear_fn, (pred, target, loss_grads, inputs) = xs
+            if linear_fn is None:  # relinearize: one more forward pass per chunk
+                linear_fn = _linearize(
+                    self.model_fn,
+                    self.params,
+                    {"input": inputs, "target": target},
+                    self.loss_fn,
+                    self.curvature,
+                    self.factor,
+                    self.vmap_over_data,
+                ).linear_fn
+            part = self._product(linear_fn, pred, target, loss_grads, vector)
+            return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, part), None
+
+        # Sum the micro-batches' products in at least float32.
+        zeros = jax.tree.map(
+            lambda v: jnp.zeros(v.shape, jnp.result_type(jnp.float32, v.dtype)), vector
+        )
+        total, _ = jax.lax.scan(accumulate, zeros, (self.linear_fn, chunks))
+        return jax.tree.map(lambda t, v: t.astype(v.dtype), total, vector)
+
+    def _product(
+        self,
+        linear_fn: Callable,
+        pred: PyTree,
+        target: PyTree,
+        loss_grads: PyTree | None,
+        vector: PyTree,
+    ) -> PyTree:
         if self.curvature == "hessian":
-            return self.linear_fn(vector)
-        jv = self.linear_fn(vector)
+            return linear_fn(vector)
+        jv = linear_fn(vector)
         if self.curvature == "empirical_fisher":
-            hjv = _per_sample_outer(self.loss_grads, jv)
+            hjv = _per_sample_outer(loss_grads, jv)
         elif self.vmap_over_data:
             hjv = jax.vmap(lambda j, p, t: self.loss_hessian_mv(j, pred=p, target=t))(
-                jv, self.predictions, self.target
+                jv, pred, target
             )
         else:
-            hjv = self.loss_hessian_mv(jv, pred=self.predictions, target=self.target)
-        (out,) = jax.linear_transpose(self.linear_fn, vector)(_scale(hjv, self.factor))
+            hjv = self.loss_hessian_mv(jv, pred=pred, target=target)
+        (out,) = jax.linear_transpose(linear_fn, vector)(_scale(hjv, self.factor))
         return out
 
     def __call__(self, vector: PyTree) -> PyTree:
@@ -172,6 +293,8 @@ def curvature_operator(
     factor: float | Float[Array, ""] | None = None,
     loss_hessian_mv: Callable | None = None,
     vmap_over_data: bool = True,
+    num_microbatches: int = 1,
+    relinearize: bool = False,
 ) -> CurvatureOperator:
     r"""Run the forward pass and `jax.linearize` once, and return the operator.
 
@@ -206,6 +329,16 @@ def curvature_operator(
         Hessian (GGN and Fisher only). Without `loss_fn`, `loss` and `grad` are `None`.
     - `vmap_over_data`: evaluate `model_fn` per sample under `jax.vmap` (default)
         or on the whole batch at once.
+    - `num_microbatches`: split the batch into this many equal micro-batches
+        (it must divide the batch size). The forward pass, the gradient and every
+        product then run micro-batch by micro-batch in a `lax.scan` and are summed,
+        so only one micro-batch's intermediate values are live at a time.
+    - `relinearize`: with `False` (default) the linearization of every micro-batch
+        is kept: the residuals of the whole batch stay in memory (as without
+        micro-batching) and a product costs one JVP and one VJP. With `True` only the
+        predictions are kept and each product re-runs the forward pass of each
+        micro-batch: memory of one micro-batch's residuals, at the cost of one more
+        forward pass per product.
 
     **Returns:**
 
@@ -214,8 +347,8 @@ def curvature_operator(
     **Raises:**
 
     `ValueError` (at trace time) for an unknown `loss_fn` or `curvature`, non-floating
-    parameters, input and target batches of different sizes, or a target that does
-    not fit the predictions.
+    parameters, input and target batches of different sizes, a target that does
+    not fit the predictions, or a `num_microbatches` that does not divide the batch.
 
     !!! example
 
@@ -257,7 +390,7 @@ def curvature_operator(
         )
     batch_size = check_data(data)
     check_params(params)
-    loss, hessian_mv = resolve_loss(loss_fn)
+    hessian_mv = resolve_loss(loss_fn)[1]
     if loss_hessian_mv is not None:
         if curvature in ("empirical_fisher", "hessian"):
             raise ValueError(
@@ -268,40 +401,49 @@ def curvature_operator(
     if hessian_mv is None:
         raise ValueError("Pass a loss_fn (or, for the GGN, a loss_hessian_mv).")
 
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(
+            f"num_microbatches must be a positive int, got {num_microbatches!r}."
+        )
+    if batch_size % num_microbatches:
+        raise ValueError(
+            f"num_microbatches={num_microbatches} does not divide the batch size "
+            f"{batch_size} of data['input']."
+        )
+
     dtype = jnp.result_type(*jax.tree.leaves(params))
     factor = jnp.asarray(1.0 / batch_size if factor is None else factor, dtype=dtype)
-    inputs, target = data["input"], data["target"]
 
-    def predict(p):
-        pred = forward(model_fn, p, inputs, vmap_over_data)
-        check_target(loss_fn, pred, target)
-        return pred
+    def linearize(chunk):
+        return _linearize(
+            model_fn, params, chunk, loss_fn, curvature, factor, vmap_over_data
+        )
 
-    loss_grads = None
-    if curvature == "hessian":
-
-        def objective(p):
-            pred = predict(p)
-            value = summed_loss(loss, pred, target, vmap_over_data)
-            return factor.astype(value.dtype) * value, pred
-
-        def gradient(p):
-            (value, pred), g = jax.value_and_grad(objective, has_aux=True)(p)
-            return g, (value, pred)
-
-        grad, linear_fn, (value, pred) = jax.linearize(gradient, params, has_aux=True)
+    if num_microbatches == 1 and not relinearize:
+        lin = linearize(data)
+        value, pred, grad = lin.value, lin.pred, lin.grad
+        linear_fn, loss_grads = lin.linear_fn, lin.loss_grads
     else:
-        pred, linear_fn = jax.linearize(predict, params)
-        if loss is None:
-            value = grad = None
-        else:
-            value, loss_grads = jax.value_and_grad(
-                lambda z: summed_loss(loss, z, target, vmap_over_data)
-            )(pred)
-            value = factor.astype(value.dtype) * value
-            (grad,) = jax.linear_transpose(linear_fn, params)(
-                _scale(loss_grads, factor)
+        chunks = to_microbatches(data, num_microbatches)
+
+        def accumulate(total, chunk):
+            lin = linearize(chunk)
+            total = jax.tree.map(
+                lambda t, x: t + x.astype(t.dtype), total, _value_and_grad(lin)
             )
+            kept = None if relinearize else lin.linear_fn
+            return total, (lin.pred, lin.loss_grads, kept)
+
+        # The loss and gradient are summed over micro-batches in at least float32.
+        first = jax.tree.map(lambda x: x[0], chunks)
+        shapes = jax.eval_shape(lambda c: _value_and_grad(linearize(c)), first)
+        zeros = jax.tree.map(
+            lambda x: jnp.zeros(x.shape, jnp.result_type(jnp.float32, x.dtype)),
+            shapes,
+        )
+        totals, (pred, loss_grads, linear_fn) = jax.lax.scan(accumulate, zeros, chunks)
+        value, grad = jax.tree.map(lambda t, x: t.astype(x.dtype), totals, shapes)
+        pred, loss_grads = _from_microbatches((pred, loss_grads))
 
     leaves, treedef = jax.tree.flatten(params)
     params_struct = (
@@ -314,10 +456,15 @@ def curvature_operator(
         grad=grad,
         factor=factor,
         linear_fn=linear_fn,
-        target=target,
+        target=data["target"],
         loss_grads=loss_grads,
+        params=params if relinearize else None,
+        inputs=data["input"] if relinearize else None,
         curvature=curvature,
         vmap_over_data=vmap_over_data,
         loss_hessian_mv=hessian_mv,
         params_struct=params_struct,
+        num_microbatches=num_microbatches,
+        model_fn=model_fn if relinearize else None,
+        loss_fn=loss_fn,
     )

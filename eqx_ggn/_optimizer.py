@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
@@ -58,6 +59,9 @@ class _Config(eqx.Module, strict=True):
     warm_start: bool
     preconditioner: str | None
     vmap_over_data: bool
+    num_microbatches: int
+    relinearize: bool
+    throw: bool
 
     def __check_init__(self):
         resolve_loss(self.loss_fn)  # raises for an unknown name
@@ -71,10 +75,16 @@ class _Config(eqx.Module, strict=True):
                 f"Unknown preconditioner {self.preconditioner!r}; valid ones are "
                 "[None, 'jacobi']."
             )
-        if not isinstance(self.cg_maxiter, int) or self.cg_maxiter < 1:
-            raise ValueError(
-                f"cg_maxiter must be a positive int, got {self.cg_maxiter!r}."
-            )
+        for name in ("cg_maxiter", "num_microbatches"):
+            value = getattr(self, name)
+            if isinstance(value, jax.Array | np.ndarray):
+                raise ValueError(
+                    f"{name} sets array shapes and must be a Python int, got an "
+                    f"array; with optax.inject_hyperparams list {name!r} in "
+                    "static_args."
+                )
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
 def _is_number(x: Any) -> bool:
@@ -85,6 +95,33 @@ def _check_numbers(**values: Any) -> None:
     for name, (value, low, high) in values.items():
         if _is_number(value) and not low <= value <= high:
             raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
+
+
+_NON_FINITE = (
+    "the batch holds NaN or Inf",
+    "the model's predictions hold NaN or Inf (the batch is finite)",
+    "the loss is NaN or Inf (the batch and the predictions are finite)",
+    "the incoming updates (the gradient) hold NaN or Inf",
+    "CG returned a non-finite direction (check the damping and the curvature)",
+)
+
+
+def _raise_if_not_finite(
+    direction: PyTree, batch: dict[str, Any], op: Any, updates: PyTree
+) -> PyTree:
+    """`eqx.branched_error_if` naming the first non-finite quantity of a step."""
+    floating = [x for x in jax.tree.leaves(batch) if eqx.is_inexact_array(x)]
+    bad = jnp.stack(
+        [
+            ~tree_all_finite(floating),
+            ~tree_all_finite(op.predictions),
+            ~jnp.isfinite(op.loss),
+            ~tree_all_finite(updates),
+            ~tree_all_finite(direction),
+        ]
+    )
+    message = ["eqx_ggn.scale_by_gauss_newton (throw=True): " + m for m in _NON_FINITE]
+    return eqx.branched_error_if(direction, jnp.any(bad), jnp.argmax(bad), message)
 
 
 def scale_by_gauss_newton(
@@ -109,6 +146,9 @@ def scale_by_gauss_newton(
     momentum: float = 0.0,
     factor: float | None = None,
     vmap_over_data: bool = True,
+    num_microbatches: int | None = None,
+    relinearize: bool = False,
+    throw: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition the gradient with a damped curvature matrix, solved by CG.
 
@@ -159,6 +199,21 @@ def scale_by_gauss_newton(
     - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`.
     - `factor`: the objective's factor; defaults to `1/batch_size` (the batch mean).
     - `vmap_over_data`: apply `model_fn` per sample (default) or to the whole batch.
+    - `num_microbatches`, `relinearize`: accumulate the gradient, the loss and every
+        product over equal micro-batches in a `lax.scan`, keeping each micro-batch's
+        linearization or recomputing it per product; see
+        [`eqx_ggn.curvature_operator`][] for the memory and time each costs. `None`
+        means 1 (and keeps `optax.inject_hyperparams` from turning it into an
+        array; `cg_maxiter` and a given `num_microbatches` belong in its
+        `static_args`).
+    - `throw`: a debugging switch. A step that would be rejected for non-finite
+        values (NaN/Inf in the batch, the predictions, the loss, the incoming
+        updates or CG's direction) raises an `eqx.error_if` runtime error naming
+        the first cause, instead of returning zero updates.
+
+    Bad input never reaches the parameters: with `throw=False` a non-finite
+    direction, loss or reduction ratio rejects the step (zero updates,
+    `accepted=False`, and with `adaptive_damping` the damping grows).
 
     **Returns:**
 
@@ -200,6 +255,9 @@ def scale_by_gauss_newton(
         warm_start=warm_start,
         preconditioner=preconditioner,
         vmap_over_data=vmap_over_data,
+        num_microbatches=1 if num_microbatches is None else num_microbatches,
+        relinearize=relinearize,
+        throw=throw,
     )
     _check_numbers(
         damping=(damping, 0, float("inf")),
@@ -271,6 +329,8 @@ def scale_by_gauss_newton(
             curvature=config.curvature,
             factor=factor,
             vmap_over_data=config.vmap_over_data,
+            num_microbatches=config.num_microbatches,
+            relinearize=config.relinearize,
         )
         lam = state.damping if config.adaptive_damping else damping
         lam = jnp.asarray(lam, jnp.float32)
@@ -322,12 +382,24 @@ def scale_by_gauss_newton(
             progress_tol=cg_progress_tol,
         )
         direction = result.value
-        finite = tree_all_finite(direction) & jnp.isfinite(op.loss)
+        finite = (
+            tree_all_finite(direction)
+            & tree_all_finite(updates)
+            & jnp.isfinite(op.loss)
+        )
+        if config.throw:
+            direction = _raise_if_not_finite(direction, batch, op, updates)
 
         if config.adaptive_damping:
             trial = jax.tree.map(jnp.subtract, params, direction)
             new_loss = objective_value(
-                model_fn, trial, batch, config.loss_fn, op.factor, config.vmap_over_data
+                model_fn,
+                trial,
+                batch,
+                config.loss_fn,
+                op.factor,
+                config.vmap_over_data,
+                config.num_microbatches,
             )
             predicted = -tree_dot(op.grad, direction) + 0.5 * tree_dot(
                 direction, op.mv(direction)

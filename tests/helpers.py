@@ -109,8 +109,15 @@ def as_dense(mv, params):
     return jax.vmap(lambda e: ravel_pytree(mv(unravel(e)))[0])(basis).T
 
 
+def _as_array(tree):
+    if isinstance(tree, jax.Array | np.ndarray | float):
+        return np.asarray(tree)
+    return np.asarray(ravel_pytree(eqx.filter(tree, eqx.is_inexact_array))[0])
+
+
 def assert_rel_close(actual, expected, tol=1e-8):
-    actual, expected = np.asarray(actual), np.asarray(expected)
+    """Relative 2-norm error `<= tol`, for arrays or pytrees of arrays."""
+    actual, expected = _as_array(actual), _as_array(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     scale = max(np.linalg.norm(expected), 1e-300)
     err = np.linalg.norm(actual - expected) / scale

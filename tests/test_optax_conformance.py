@@ -75,6 +75,7 @@ def test_missing_arguments_say_what_to_pass():
         ({"curvature": "kfac"}, r"Unknown curvature 'kfac'.*'hessian'"),
         ({"preconditioner": "ilu"}, "Unknown preconditioner 'ilu'"),
         ({"cg_maxiter": 0}, "cg_maxiter"),
+        ({"cg_maxiter": jnp.asarray(5)}, "list .cg_maxiter. in static_args"),
         ({"damping": -1.0}, "damping"),
         ({"momentum": 1.5}, "momentum"),
     ],
