@@ -5,9 +5,9 @@
 boundary collocation points. `model_fn` returns the PDE residual at interior points
 and `w * u` at boundary points (`--boundary-weight`, w = 100 by default, 1 for the
 plain residuals), and the loss is `"mse"` against zero targets: the objective is
-the mean squared residual, the same for every method. Every method gets the same wall-clock budget
-on the same machine; the relative L2 error of `u` on a 101x101 grid is printed
-against wall time.
+the mean squared residual, the same for every method. Every method gets the same
+wall-clock budget on the same machine; the relative L2 error of `u` on a 101x101
+grid is printed against wall time.
 
 The problem, eqx_ggn's settings and the Adam and L-BFGS steps live in
 `examples/pinn_poisson.py`; this script adds optimistix and the longer budget.
