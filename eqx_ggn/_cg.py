@@ -12,7 +12,20 @@ from ._tree import tree_dot
 
 
 class CGStop(enum.IntEnum):
-    """Why [`eqx_ggn.cg`][] stopped (`CGResult.stop_reason` holds the value)."""
+    """Why [`eqx_ggn.cg`][] stopped (`CGResult.stop_reason` holds the value).
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        indefinite = jnp.diag(jnp.array([1.0, -1.0]))
+        result = eqx_ggn.cg(lambda v: indefinite @ v, jnp.ones(2))
+        reason = eqx_ggn.CGStop(int(result.stop_reason))
+        assert reason is eqx_ggn.CGStop.NEGATIVE_CURVATURE
+        ```
+    """
 
     CONVERGED = 0
     """`||b - A x|| <= tol * ||b||` (also at once for `b = 0`, with `x = 0`)."""
@@ -36,6 +49,19 @@ class CGResult(eqx.Module):
     - `stop_reason`: a [`eqx_ggn.CGStop`][] value, as an int32 array.
     - `residual_norm`: `||b - A x|| / ||b||` of the returned iterate as tracked by
         the recurrence (0 when `b = 0`).
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        a = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+        result = eqx_ggn.cg(lambda v: a @ v, jnp.array([1.0, 2.0]), tol=1e-6)
+        assert result.stop_reason == eqx_ggn.CGStop.CONVERGED
+        assert jnp.allclose(a @ result.value, jnp.array([1.0, 2.0]), atol=1e-5)
+        print(int(result.num_steps), float(result.residual_norm))
+        ```
     """
 
     value: PyTree[Array]

@@ -17,7 +17,17 @@ LossFn = str | Callable[[Any, Any], Float[Array, ""]]
 
 
 def mse_loss(pred: Array, target: Array) -> Float[Array, ""]:
-    """Sum of squared errors, `sum((pred - target)**2)`; its Hessian is `2*I`."""
+    """Sum of squared errors, `sum((pred - target)**2)`; its Hessian is `2*I`.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        assert eqx_ggn.mse_loss(jnp.array([1.0, 2.0]), jnp.array([0.0, 0.0])) == 5.0
+        ```
+    """
     return jnp.sum(jnp.square(pred - target))
 
 
@@ -26,6 +36,18 @@ def cross_entropy_loss(pred: Array, target: Array) -> Float[Array, ""]:
 
     `target` is either one-hot (or any probability vector) with the shape of `pred`,
     or integer class labels with shape `pred.shape[:-1]`.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        logits = jnp.array([2.0, 0.0, -1.0])
+        by_label = eqx_ggn.cross_entropy_loss(logits, jnp.array(0))
+        one_hot = eqx_ggn.cross_entropy_loss(logits, jnp.array([1.0, 0.0, 0.0]))
+        assert jnp.allclose(by_label, one_hot)
+        ```
     """
     log_probs = jax.nn.log_softmax(pred, axis=-1)
     if jnp.issubdtype(jnp.asarray(target).dtype, jnp.integer):
@@ -35,7 +57,18 @@ def cross_entropy_loss(pred: Array, target: Array) -> Float[Array, ""]:
 
 
 def binary_cross_entropy_loss(pred: Array, target: Array) -> Float[Array, ""]:
-    """Sigmoid binary cross-entropy on logits, summed over all entries."""
+    """Sigmoid binary cross-entropy on logits, summed over all entries.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        value = eqx_ggn.binary_cross_entropy_loss(jnp.array([0.0]), jnp.array([1.0]))
+        assert jnp.allclose(value, jnp.log(2.0))
+        ```
+    """
     return jnp.sum(jax.nn.softplus(pred) - target * pred)
 
 
@@ -44,6 +77,15 @@ def identity_loss(pred: Array, target: Any) -> Float[Array, ""]:
 
     The target is ignored, as in laplax's `"none"`. Use it when `model_fn` already
     returns residuals: the GGN is then `J^T J`.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        assert eqx_ggn.identity_loss(jnp.array([3.0, 4.0]), None) == 12.5
+        ```
     """
     del target
     return 0.5 * jnp.sum(jnp.square(pred))

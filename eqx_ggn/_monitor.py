@@ -24,6 +24,22 @@ class CurvatureMetrics(NamedTuple):
     - `lambda_max_over_trace`: `lambda_max / trace`.
     - `loss`: the objective at the monitored point.
     - `step`: the step these values were computed at (-1 before the first).
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        def model_fn(input, params):
+            return input @ params["w"].T
+
+        params = {"w": jnp.ones((2, 3))}
+        batch = {"input": jnp.ones((8, 3)), "target": jnp.zeros((8, 2))}
+        monitor = eqx_ggn.CurvatureMonitor(loss_fn="mse", every=1, top_k=2)
+        metrics = monitor.compute(0, params, model_fn, batch)
+        print(metrics.top_eigenvalues, float(metrics.lambda_max_over_trace))
+        ```
     """
 
     lambda_max: Float[Array, ""]
@@ -208,7 +224,29 @@ class CurvatureMonitor(eqx.Module):
 
 
 class MonitorCurvatureState(NamedTuple):
-    """State of [`eqx_ggn.monitor_curvature`][]: inner state and latest metrics."""
+    """State of [`eqx_ggn.monitor_curvature`][]: inner state and latest metrics.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import optax
+        import eqx_ggn
+
+        def model_fn(input, params):
+            return input @ params["w"].T
+
+        params = {"w": jnp.ones((2, 3))}
+        batch = {"input": jnp.ones((8, 3)), "target": jnp.zeros((8, 2))}
+        monitor = eqx_ggn.CurvatureMonitor(loss_fn="mse", every=1, top_k=1)
+        opt = eqx_ggn.monitor_curvature(optax.sgd(0.1), monitor)
+        state = opt.init(params)
+        kw = {"model_fn": model_fn, "batch": batch}
+        updates, state = opt.update(params, state, params, **kw)
+        assert int(state.count) == 1 and int(state.metrics.step) == 0
+        sharpness = optax.tree.get(state, "lambda_max")
+        ```
+    """
 
     inner_state: optax.OptState
     metrics: CurvatureMetrics

@@ -173,6 +173,22 @@ class CurvatureOperator(eqx.Module):
 
     The GGN product uses only the linear JVP, the loss Hessian in output space and
     the transposed JVP; no forward pass is repeated.
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        mlp = eqx.nn.MLP(2, 1, 8, 1, key=jax.random.key(0))
+        x = jnp.linspace(-1, 1, 32).reshape(16, 2)
+        data = {"input": x, "target": x[:, :1]}
+        op = eqx_ggn.curvature_operator(model=mlp, data=data, loss_fn="mse")
+        gv = op.mv(op.grad)  # a pytree like the parameters
+        dense = op.as_matrix()  # (P, P), small models only
+        ```
     """
 
     loss: Float[Array, ""] | None

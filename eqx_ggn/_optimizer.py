@@ -34,6 +34,32 @@ class ScaleByGaussNewtonState(NamedTuple):
     - `diagonal`: the running average of the curvature diagonal (with
       `preconditioner="jacobi"`), else `None`.
     - `momentum`: the momentum buffer (with non-zero `momentum`), else `None`.
+
+    !!! example
+
+        ```python
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import eqx_ggn
+
+        def model_fn(input, params):
+            return jnp.tanh(input @ params["w"])
+
+        params = {"w": jnp.zeros((3, 2))}
+        x = jax.random.normal(jax.random.key(0), (16, 3))
+        batch = {"input": x, "target": jnp.tanh(x @ jnp.ones((3, 2)))}
+        opt = eqx_ggn.gauss_newton(1.0, loss_fn="mse", adaptive_damping=True)
+        state = opt.init(params)
+        def objective(p):
+            return jnp.mean(jnp.sum((model_fn(x, p) - batch["target"]) ** 2, 1))
+
+        grads = jax.grad(objective)(params)
+        kw = {"model_fn": model_fn, "batch": batch}
+        updates, state = opt.update(grads, state, params, **kw)
+        print(optax.tree.get(state, "damping"), optax.tree.get(state, "cg_iterations"))
+        assert bool(optax.tree.get(state, "accepted"))
+        ```
     """
 
     count: Int[Array, ""]

@@ -32,6 +32,7 @@ def test_public_names_have_docstrings(name):
     obj = getattr(eqx_ggn, name)
     if callable(obj):
         assert inspect.getdoc(obj), f"eqx_ggn.{name} has no docstring"
+        assert _examples(inspect.getdoc(obj)), f"eqx_ggn.{name} has no example"
 
 
 @pytest.mark.parametrize("code", list(_docstring_examples()))
