@@ -28,17 +28,10 @@ class CurvatureMetrics(NamedTuple):
     !!! example
 
         ```python
-        import jax.numpy as jnp
         import eqx_ggn
 
-        def model_fn(input, params):
-            return input @ params["w"].T
-
-        params = {"w": jnp.ones((2, 3))}
-        batch = {"input": jnp.ones((8, 3)), "target": jnp.zeros((8, 2))}
-        monitor = eqx_ggn.CurvatureMonitor(loss_fn="mse", every=1, top_k=2)
-        metrics = monitor.compute(0, params, model_fn, batch)
-        print(metrics.top_eigenvalues, float(metrics.lambda_max_over_trace))
+        metrics = eqx_ggn.CurvatureMonitor(loss_fn="mse", top_k=2).empty()
+        assert int(metrics.step) == -1 and metrics.top_eigenvalues.shape == (2,)
         ```
     """
 

@@ -14,7 +14,13 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from ._cg import cg
 from ._checks import check_like
 from ._losses import LossFn, resolve_loss
-from ._operator import CURVATURES, Curvature, curvature_operator, objective_value
+from ._operator import (
+    CURVATURES,
+    Curvature,
+    CurvatureOperator,
+    curvature_operator,
+    objective_value,
+)
 from ._partition import as_model_fn
 from ._tree import tree_all_finite, tree_dot, tree_where
 
@@ -38,27 +44,14 @@ class ScaleByGaussNewtonState(NamedTuple):
     !!! example
 
         ```python
-        import jax
         import jax.numpy as jnp
         import optax
         import eqx_ggn
 
-        def model_fn(input, params):
-            return jnp.tanh(input @ params["w"])
-
-        params = {"w": jnp.zeros((3, 2))}
-        x = jax.random.normal(jax.random.key(0), (16, 3))
-        batch = {"input": x, "target": jnp.tanh(x @ jnp.ones((3, 2)))}
-        opt = eqx_ggn.gauss_newton(1.0, loss_fn="mse", adaptive_damping=True)
-        state = opt.init(params)
-        def objective(p):
-            return jnp.mean(jnp.sum((model_fn(x, p) - batch["target"]) ** 2, 1))
-
-        grads = jax.grad(objective)(params)
-        kw = {"model_fn": model_fn, "batch": batch}
-        updates, state = opt.update(grads, state, params, **kw)
-        print(optax.tree.get(state, "damping"), optax.tree.get(state, "cg_iterations"))
-        assert bool(optax.tree.get(state, "accepted"))
+        opt = eqx_ggn.gauss_newton(1.0, loss_fn="mse", warm_start=True)
+        state = opt.init({"w": jnp.zeros(3)})
+        assert optax.tree.get(state, "damping").dtype == jnp.float32
+        assert optax.tree.get(state, "solution")["w"].shape == (3,)
         ```
     """
 
@@ -133,7 +126,7 @@ _NON_FINITE = (
 
 
 def _raise_if_not_finite(
-    direction: PyTree, batch: dict[str, Any], op: Any, updates: PyTree
+    direction: PyTree, batch: dict[str, Any], op: CurvatureOperator, updates: PyTree
 ) -> PyTree:
     """`eqx.branched_error_if` naming the first non-finite quantity of a step."""
     floating = [x for x in jax.tree.leaves(batch) if eqx.is_inexact_array(x)]
