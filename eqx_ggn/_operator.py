@@ -62,12 +62,20 @@ def objective_value(
 
 
 def to_microbatches(tree: PyTree, n: int) -> PyTree:
-    """Reshape every leaf's leading batch axis `B` into `(n, B // n)`."""
-    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n, *x.shape[1:])), tree)
+    """Split every leaf's leading batch axis `B` into `(n, B // n)`, strided.
+
+    Micro-batch `j` holds samples `j, j + n, j + 2n, ...`: a batch sharded in
+    contiguous blocks over devices then gives every device an equal share of every
+    micro-batch, and the split needs no communication.
+    """
+    return jax.tree.map(
+        lambda x: x.reshape((x.shape[0] // n, n, *x.shape[1:])).swapaxes(0, 1), tree
+    )
 
 
 def _from_microbatches(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])), tree)
+    """Undo `to_microbatches`: back to one batch axis, in the original order."""
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((-1, *x.shape[2:])), tree)
 
 
 def _scale(tree: PyTree, factor: Array) -> PyTree:
@@ -346,9 +354,11 @@ def curvature_operator(
     - `vmap_over_data`: evaluate `model_fn` per sample under `jax.vmap` (default)
         or on the whole batch at once.
     - `num_microbatches`: split the batch into this many equal micro-batches
-        (it must divide the batch size). The forward pass, the gradient and every
-        product then run micro-batch by micro-batch in a `lax.scan` and are summed,
-        so only one micro-batch's intermediate values are live at a time.
+        (it must divide the batch size); micro-batch `j` takes samples `j, j + n,
+        j + 2n, ...`, so a batch sharded over devices stays evenly sharded. The
+        forward pass, the gradient and every product then run micro-batch by
+        micro-batch in a `lax.scan` and are summed, so only one micro-batch's
+        intermediate values are live at a time.
     - `relinearize`: with `False` (default) the linearization of every micro-batch
         is kept: the residuals of the whole batch stay in memory (as without
         micro-batching) and a product costs one JVP and one VJP. With `True` only the

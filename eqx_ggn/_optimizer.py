@@ -117,6 +117,8 @@ def _check_numbers(**values: Any) -> None:
 
 
 _NON_FINITE = (
+    "the optimizer state (damping, warm start, diagonal or momentum) holds NaN or "
+    "Inf, e.g. from a corrupted checkpoint; it was reset",
     "the batch holds NaN or Inf",
     "the model's predictions hold NaN or Inf (the batch is finite)",
     "the loss is NaN or Inf (the batch and the predictions are finite)",
@@ -126,12 +128,17 @@ _NON_FINITE = (
 
 
 def _raise_if_not_finite(
-    direction: PyTree, batch: dict[str, Any], op: CurvatureOperator, updates: PyTree
+    direction: PyTree,
+    state_finite: Bool[Array, ""],
+    batch: dict[str, Any],
+    op: CurvatureOperator,
+    updates: PyTree,
 ) -> PyTree:
     """`eqx.branched_error_if` naming the first non-finite quantity of a step."""
     floating = [x for x in jax.tree.leaves(batch) if eqx.is_inexact_array(x)]
     bad = jnp.stack(
         [
+            ~state_finite,
             ~tree_all_finite(floating),
             ~tree_all_finite(op.predictions),
             ~jnp.isfinite(op.loss),
@@ -141,6 +148,21 @@ def _raise_if_not_finite(
     )
     message = ["eqx_ggn.scale_by_gauss_newton (throw=True): " + m for m in _NON_FINITE]
     return eqx.branched_error_if(direction, jnp.any(bad), jnp.argmax(bad), message)
+
+
+def _reset_non_finite(
+    state: ScaleByGaussNewtonState, fresh: ScaleByGaussNewtonState
+) -> tuple[ScaleByGaussNewtonState, Bool[Array, ""]]:
+    """Replace each non-finite buffer of `state` by its value in `fresh`."""
+    names = ("damping", "solution", "diagonal", "momentum")
+    finite = {name: tree_all_finite(getattr(state, name)) for name in names}
+    state = state._replace(
+        **{
+            name: tree_where(finite[name], getattr(state, name), getattr(fresh, name))
+            for name in names
+        }
+    )
+    return state, jnp.all(jnp.stack(list(finite.values())))
 
 
 def scale_by_gauss_newton(
@@ -225,14 +247,16 @@ def scale_by_gauss_newton(
         means 1 (and keeps `optax.inject_hyperparams` from turning it into an
         array; `cg_maxiter` and a given `num_microbatches` belong in its
         `static_args`).
-    - `throw`: a debugging switch. A step that would be rejected for non-finite
-        values (NaN/Inf in the batch, the predictions, the loss, the incoming
+    - `throw`: a debugging switch. A step that meets non-finite values (NaN/Inf
+        in the optimizer state, the batch, the predictions, the loss, the incoming
         updates or CG's direction) raises an `eqx.error_if` runtime error naming
         the first cause, instead of returning zero updates.
 
     Bad input never reaches the parameters: with `throw=False` a non-finite
     direction, loss or reduction ratio rejects the step (zero updates,
-    `accepted=False`, and with `adaptive_damping` the damping grows).
+    `accepted=False`, and with `adaptive_damping` the damping grows). A state
+    buffer (damping, warm start, diagonal, momentum) that holds NaN or Inf, e.g.
+    from a corrupted checkpoint, is reset to its `init` value before the step.
 
     **Returns:**
 
@@ -339,6 +363,7 @@ def scale_by_gauss_newton(
         if model_fn is None:
             model_fn = as_model_fn(model)  # `params` take precedence over its leaves
         check_like("updates", updates, params, "params")
+        state, state_finite = _reset_non_finite(state, init_fn(params))
 
         op = curvature_operator(
             model_fn,
@@ -407,7 +432,9 @@ def scale_by_gauss_newton(
             & jnp.isfinite(op.loss)
         )
         if config.throw:
-            direction = _raise_if_not_finite(direction, batch, op, updates)
+            direction = _raise_if_not_finite(
+                direction, state_finite, batch, op, updates
+            )
 
         if config.adaptive_damping:
             trial = jax.tree.map(jnp.subtract, params, direction)

@@ -1,8 +1,9 @@
 """Run by tests/test_sharding.py in a subprocess with 4 forced CPU devices.
 
-Compares the operator's product and gradient, a full optimizer step and the monitor's
-metrics on a batch sharded over the devices (parameters replicated, plain `jit`)
-against the same computations on one device, and prints the relative errors as JSON.
+Compares the operator's product and gradient (also micro-batched), a full optimizer
+step and the monitor's metrics on a batch sharded over the devices (parameters
+replicated, plain `jit`) against the same computations on one device, and prints the
+relative errors as JSON.
 """
 
 import json
@@ -43,7 +44,20 @@ def main():
     @jax.jit
     def products(params, batch, v):
         op = eqx_ggn.curvature_operator(model_fn, params, batch, "cross_entropy")
-        return op.mv(v), op.grad, op.loss
+        return op.mv(v), op.grad, op.loss, op.predictions
+
+    def micro(params, batch, v):
+        op = eqx_ggn.curvature_operator(
+            model_fn,
+            params,
+            batch,
+            "cross_entropy",
+            num_microbatches=4,
+            relinearize=True,
+        )
+        return op.mv(v), op.predictions
+
+    micro_sharded = jax.jit(micro).lower(sharded_params, sharded_batch, v).compile()
 
     def loss(p, batch):
         logits = jax.vmap(lambda xi: model_fn(input=xi, params=p))(batch["input"])
@@ -73,15 +87,26 @@ def main():
     # Compare the steps taken, not the parameters (a rejected step would be zero).
     step_single = jax.tree.map(jnp.subtract, new_single, params)
     step_sharded = jax.tree.map(jnp.subtract, new_sharded, params)
+    mv_micro, pred_micro = micro_sharded(sharded_params, sharded_batch, v)
     m_single = monitored(params, batch)
     m_sharded = monitored(sharded_params, sharded_batch)
     result = {
         "devices": jax.device_count(),
         "input_shards": len(sharded_batch["input"].sharding.device_set),
+        # Rows of the predictions each device holds: 16 if the forward pass ran
+        # data-parallel, 64 if XLA had gathered the batch onto every device.
+        "prediction_rows_per_device": sharded[3].addressable_shards[0].data.shape[0],
         "mv": rel(sharded[0], single[0]),
         "grad": rel(sharded[1], single[1]),
         "loss": rel(sharded[2], single[2]),
         "step": rel(step_sharded, step_single),
+        # Micro-batches of a sharded batch stay sharded: no gather of the batch.
+        "micro_mv": rel(mv_micro, single[0]),
+        "micro_predictions": rel(pred_micro, single[3]),
+        "micro_all_gathers": micro_sharded.as_text().count("all-gather("),
+        "micro_prediction_rows_per_device": pred_micro.addressable_shards[0].data.shape[
+            0
+        ],
         "accepted": bool(state_single[0].accepted) and bool(state_sharded[0].accepted),
         "lambda_max": rel(m_sharded["lambda_max"], m_single["lambda_max"]),
         "trace": rel(m_sharded["trace"], m_single["trace"]),

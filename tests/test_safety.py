@@ -84,26 +84,36 @@ def _bad_loss(pred, target):
         ("params", "predictions hold NaN or Inf"),
         ("loss", "the loss is NaN or Inf"),
         ("updates", r"incoming updates \(the gradient\) hold NaN"),
+        ("direction", "CG returned a non-finite direction"),
     ],
 )
 def test_throw_names_the_first_non_finite_cause(case, message):
-    model_fn, params, batch = _linear()
+    dtype = jnp.float16 if case == "direction" else jnp.float32
+    model_fn, params, batch = _linear(dtype)
     grads = _grads(model_fn, params, batch)
-    loss_fn = "mse"
+    loss_fn, damping = "mse", 1e-3
     if case == "batch":
         batch = {**batch, "input": batch["input"].at[0, 0].set(jnp.nan)}
     elif case == "params":
         params = {**params, "w": params["w"].at[0, 0].set(jnp.nan)}
     elif case == "loss":
         loss_fn = _bad_loss
-    else:
+    elif case == "updates":
         grads = {**grads, "w": grads["w"].at[0, 0].set(jnp.nan)}
-    opt = eqx_ggn.gauss_newton(1.0, loss_fn=loss_fn, cg_maxiter=5, throw=True)
+    else:
+        # A parameter the model ignores has zero curvature: CG solves
+        # damping * x = 10 in float32, and x = 1e5 overflows float16.
+        params = {**params, "unused": jnp.zeros(3, dtype)}
+        grads = {**grads, "unused": jnp.full(3, 10.0, dtype)}
+        damping = 1e-4
+    opt = eqx_ggn.gauss_newton(
+        1.0, loss_fn=loss_fn, damping=damping, cg_maxiter=5, throw=True
+    )
     update = jax.jit(lambda g, s, p, b: opt.update(g, s, p, model_fn=model_fn, batch=b))
     with pytest.raises(Exception, match=message):
         jax.block_until_ready(update(grads, opt.init(params), params, batch))
     # Without the flag the same step is a safe rejection.
-    quiet = eqx_ggn.gauss_newton(1.0, loss_fn=loss_fn, cg_maxiter=5)
+    quiet = eqx_ggn.gauss_newton(1.0, loss_fn=loss_fn, damping=damping, cg_maxiter=5)
     updates, state = quiet.update(
         grads, quiet.init(params), params, model_fn=model_fn, batch=batch
     )
@@ -219,3 +229,39 @@ def test_dropout_and_batchnorm_are_frozen_inside_one_operator(x64):
     batch = data["input"].shape[0]
     assert_rel_close(matrix, 2.0 / batch * jac.T @ jac, 1e-10)
     assert_rel_close(ravel_pytree(first)[0], matrix @ ravel_pytree(vector)[0], 1e-10)
+
+
+def test_non_finite_optimizer_state_is_reset_or_named():
+    # A corrupted checkpoint: every buffer of the state holds NaN or Inf.
+    model_fn, params, batch = _linear()
+    grads = _grads(model_fn, params, batch)
+    kwargs = dict(
+        loss_fn="mse",
+        cg_maxiter=5,
+        warm_start=True,
+        momentum=0.5,
+        preconditioner="jacobi",
+        adaptive_damping=True,
+    )
+    opt = eqx_ggn.gauss_newton(1.0, **kwargs)
+    fresh = opt.init(params)
+    inner = fresh[0]._replace(
+        damping=jnp.asarray(jnp.nan, jnp.float32),
+        solution=jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params),
+        diagonal=jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), params),
+        momentum=jax.tree.map(lambda x: x.at[0].set(jnp.nan), params),
+    )
+    corrupted = (inner, *fresh[1:])
+
+    def update(opt, state):
+        return opt.update(grads, state, params, model_fn=model_fn, batch=batch)
+
+    expected, expected_state = update(opt, fresh)
+    updates, state = update(opt, corrupted)
+    assert bool(state[0].accepted)
+    assert np.array_equal(ravel_pytree(updates)[0], ravel_pytree(expected)[0])
+    assert float(state[0].damping) == float(expected_state[0].damping)
+    assert bool(jnp.all(jnp.isfinite(ravel_pytree(state[0].solution)[0])))
+    loud = eqx_ggn.gauss_newton(1.0, throw=True, **kwargs)
+    with pytest.raises(Exception, match=r"optimizer state .* holds NaN or Inf"):
+        jax.block_until_ready(jax.jit(update, static_argnums=0)(loud, corrupted))

@@ -25,7 +25,11 @@ def test_sharded_batch_matches_single_device():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["devices"] == 4 and result["input_shards"] == 4
+    assert result["prediction_rows_per_device"] == 64 // 4, result
     # float32: products, gradient and loss to 1e-6, a full optimizer step to 1e-5.
-    for name in ("mv", "grad", "loss", "lambda_max", "trace"):
+    assert result["micro_all_gathers"] == 0, result
+    assert result["micro_prediction_rows_per_device"] == 64 // 4, result
+    for name in ("mv", "grad", "loss", "lambda_max", "trace", "micro_mv"):
         assert result[name] <= 1e-6, (name, result)
+    assert result["micro_predictions"] <= 1e-6, result
     assert result["accepted"] and result["step"] <= 1e-5, result
