@@ -6,7 +6,9 @@ float32. For each (W, batch) the script times, with the median of `--repeats` ru
 - `grad`: `jax.value_and_grad` of the batch-mean loss;
 - `mvp`: one GGN-vector product at a new point, `(params, data, v) -> G v`: the
   operator's forward pass and linearization plus one product (its gradient is
-  unused and compiled away);
+  unused and compiled away); `jvp+vjp` is the same product written without
+  eqx_ggn (`jax.jvp`, the loss Hessian, `jax.vjp`: two forward passes), as a
+  reference for what any product formulation costs;
 - `grad+mvp`: build the operator, take its gradient and apply one product to it:
   what a step holds during its first CG iteration;
 - `step`: one `eqx_ggn.gauss_newton` step with exactly 10 CG iterations
@@ -66,6 +68,20 @@ def _programs(model_fn, cg_steps=10, **operator_kwargs):
     def mvp(params, data, vector):
         return operator(params, data).mv(vector)
 
+    def reference_mvp(params, data, vector):
+        # The textbook product without eqx_ggn: jvp, loss Hessian, vjp (two passes).
+        def predict(p):
+            return jax.vmap(lambda x: model_fn(input=x, params=p))(data["input"])
+
+        def mean_loss(logits):
+            return jnp.mean(
+                jax.vmap(eqx_ggn.cross_entropy_loss)(logits, data["target"])
+            )
+
+        logits, jv = jax.jvp(predict, (params,), (vector,))
+        hjv = jax.jvp(jax.grad(mean_loss), (logits,), (jv,))[1]
+        return jax.vjp(predict, params)[1](hjv)[0]
+
     def grad_mvp(params, data):
         op = operator(params, data)
         return op.loss, op.grad, op.mv(op.grad)
@@ -85,11 +101,17 @@ def _programs(model_fn, cg_steps=10, **operator_kwargs):
         )
         return optax.apply_updates(params, updates), state[0].cg_iterations
 
-    return {"grad": grad, "mvp": mvp, "grad+mvp": grad_mvp, "step": step}
+    return {
+        "grad": grad,
+        "mvp": mvp,
+        "jvp+vjp": reference_mvp,
+        "grad+mvp": grad_mvp,
+        "step": step,
+    }
 
 
 def _arguments(name, params, data):
-    return (params, data, params) if name == "mvp" else (params, data)
+    return (params, data, params) if name in ("mvp", "jvp+vjp") else (params, data)
 
 
 def _peak_mib(fn, *args):
@@ -117,16 +139,16 @@ def main():
     device = jax.devices()[0]
     machine = f"{device.device_kind} ({platform.processor() or ''})"
     print(f"# {datetime.date.today()}, {machine}, jax {jax.__version__}, float32\n")
-    columns = ["grad", "mvp", "grad+mvp", "step"]
+    columns = ["grad", "mvp", "jvp+vjp", "grad+mvp", "step"]
     print(
         _row(
             ["width", "params", "batch"]
             + [f"{c} ms" for c in ("grad", "mvp", "step")]
             + [f"{c} MiB" for c in columns]
-            + ["step50 MiB", "mvp/grad mem", "(grad+mvp)/grad mem"]
+            + ["step50 MiB", "mvp/grad mem", "jvp+vjp/grad mem", "(grad+mvp)/grad mem"]
         )
     )
-    print(_row(["---"] * 13))
+    print(_row(["---"] * 15))
     for width in widths:
         for batch in batches:
             params, model_fn, data = _problem(width, batch)
@@ -155,6 +177,7 @@ def main():
                     + [
                         f"{step50:.1f}",
                         f"{memory['mvp'] / memory['grad']:.2f}",
+                        f"{memory['jvp+vjp'] / memory['grad']:.2f}",
                         f"{memory['grad+mvp'] / memory['grad']:.2f}",
                     ]
                 ),

@@ -119,6 +119,7 @@ def _check_numbers(**values: Any) -> None:
 _NON_FINITE = (
     "the optimizer state (damping, warm start, diagonal or momentum) holds NaN or "
     "Inf, e.g. from a corrupted checkpoint; it was reset",
+    "the damping is NaN or Inf",
     "the batch holds NaN or Inf",
     "the model's predictions hold NaN or Inf (the batch is finite)",
     "the loss is NaN or Inf (the batch and the predictions are finite)",
@@ -130,6 +131,7 @@ _NON_FINITE = (
 def _raise_if_not_finite(
     direction: PyTree,
     state_finite: Bool[Array, ""],
+    damping: Float[Array, ""],
     batch: dict[str, Any],
     op: CurvatureOperator,
     updates: PyTree,
@@ -139,6 +141,7 @@ def _raise_if_not_finite(
     bad = jnp.stack(
         [
             ~state_finite,
+            ~jnp.isfinite(damping),
             ~tree_all_finite(floating),
             ~tree_all_finite(op.predictions),
             ~jnp.isfinite(op.loss),
@@ -248,12 +251,12 @@ def scale_by_gauss_newton(
         array; `cg_maxiter` and a given `num_microbatches` belong in its
         `static_args`).
     - `throw`: a debugging switch. A step that meets non-finite values (NaN/Inf
-        in the optimizer state, the batch, the predictions, the loss, the incoming
-        updates or CG's direction) raises an `eqx.error_if` runtime error naming
-        the first cause, instead of returning zero updates.
+        in the optimizer state, the damping, the batch, the predictions, the loss,
+        the incoming updates or CG's direction) raises an `eqx.error_if` runtime
+        error naming the first cause, instead of returning zero updates.
 
     Bad input never reaches the parameters: with `throw=False` a non-finite
-    direction, loss or reduction ratio rejects the step (zero updates,
+    direction, loss, damping or reduction ratio rejects the step (zero updates,
     `accepted=False`, and with `adaptive_damping` the damping grows). A state
     buffer (damping, warm start, diagonal, momentum) that holds NaN or Inf, e.g.
     from a corrupted checkpoint, is reset to its `init` value before the step.
@@ -430,10 +433,11 @@ def scale_by_gauss_newton(
             tree_all_finite(direction)
             & tree_all_finite(updates)
             & jnp.isfinite(op.loss)
+            & jnp.isfinite(lam)
         )
         if config.throw:
             direction = _raise_if_not_finite(
-                direction, state_finite, batch, op, updates
+                direction, state_finite, lam, batch, op, updates
             )
 
         if config.adaptive_damping:

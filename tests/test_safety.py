@@ -265,3 +265,25 @@ def test_non_finite_optimizer_state_is_reset_or_named():
     loud = eqx_ggn.gauss_newton(1.0, throw=True, **kwargs)
     with pytest.raises(Exception, match=r"optimizer state .* holds NaN or Inf"):
         jax.block_until_ready(jax.jit(update, static_argnums=0)(loud, corrupted))
+
+
+def test_non_finite_injected_damping_rejects_the_step_or_is_named():
+    # optax.inject_hyperparams turns `damping` into a state array a user can set.
+    model_fn, params, batch = _linear()
+    grads = _grads(model_fn, params, batch)
+
+    def make(throw):
+        return optax.inject_hyperparams(
+            eqx_ggn.scale_by_gauss_newton, static_args=("cg_maxiter",)
+        )("mse", damping=1e-3, cg_maxiter=5, throw=throw)
+
+    def update(opt):
+        state = opt.init(params)
+        state.hyperparams["damping"] = jnp.asarray(jnp.nan, jnp.float32)
+        return opt.update(grads, state, params, model_fn=model_fn, batch=batch)
+
+    updates, state = update(make(False))
+    assert not bool(state.inner_state.accepted)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    with pytest.raises(Exception, match="the damping is NaN or Inf"):
+        jax.block_until_ready(update(make(True)))
