@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from ._estimators import hutchinson_trace, top_eigenvalues
 from ._losses import LossFn, resolve_loss
-from ._operator import CURVATURES, Curvature, curvature_operator
+from ._operator import CURVATURES, AxisName, Curvature, curvature_operator
 from ._partition import as_model_fn
 
 
@@ -71,6 +71,10 @@ class CurvatureMonitor(eqx.Module):
     - `num_samples`: Hutchinson probes.
     - `seed`: the probes' PRNG seed (folded with the step).
     - `factor`: the objective's factor; defaults to `1/batch_size`.
+    - `axis_name`: inside `jax.shard_map` (or `pmap`), the mapped axis that splits
+        the batch over devices (see [`eqx_ggn.curvature_operator`][]): the metrics
+        are then those of the global batch, equal on every device. A `sink` is
+        called from every device.
 
     !!! example
 
@@ -110,6 +114,7 @@ class CurvatureMonitor(eqx.Module):
     num_samples: int = eqx.field(static=True, default=10)
     seed: int = eqx.field(static=True, default=0)
     factor: float | None = eqx.field(static=True, default=None)
+    axis_name: AxisName | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         resolve_loss(self.loss_fn)
@@ -151,6 +156,7 @@ class CurvatureMonitor(eqx.Module):
             self.loss_fn,
             curvature=self.curvature,
             factor=self.factor,
+            axis_name=self.axis_name,
         )
         key = jax.random.fold_in(jax.random.key(self.seed), step)
         k_lanczos, k_trace = jax.random.split(key)

@@ -1,6 +1,6 @@
 """The linearize-once curvature operator."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
@@ -15,6 +15,7 @@ from ._partition import as_model_fn, partition
 
 
 Curvature = Literal["ggn", "fisher", "empirical_fisher", "hessian"]
+AxisName = Hashable | tuple[Hashable, ...]
 CURVATURES: tuple[str, ...] = ("ggn", "fisher", "empirical_fisher", "hessian")
 
 
@@ -44,8 +45,12 @@ def objective_value(
     factor: Float[Array, ""],
     vmap_over_data: bool = True,
     num_microbatches: int = 1,
+    axis_name: AxisName | None = None,
 ) -> Float[Array, ""]:
-    """The objective `factor * sum_i loss_i` alone: one forward pass."""
+    """The objective `factor * sum_i loss_i` alone: one forward pass.
+
+    With `axis_name`, the sum runs over the batch shards of that mapped axis too.
+    """
     loss = resolve_loss(loss_fn)[0]
 
     def chunk_value(chunk):
@@ -58,7 +63,41 @@ def objective_value(
         value = jnp.sum(
             jax.lax.map(chunk_value, to_microbatches(data, num_microbatches))
         )
-    return jnp.asarray(factor, value.dtype) * value
+    return jnp.asarray(factor, value.dtype) * _sum_over_shards(value, axis_name)
+
+
+def _sum_over_shards(tree: PyTree, axis_name: AxisName | None) -> PyTree:
+    """`lax.psum` over the mapped batch axis, or nothing outside a mapped axis."""
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def _vary_over_shards(tree: PyTree, axis_name: AxisName | None) -> PyTree:
+    """Mark replicated arrays as varying over the mapped batch axis.
+
+    Under `shard_map`'s type checks (`check_vma=True`), differentiating through a
+    replicated input makes JAX insert its own `psum` of the cotangents. Casting the
+    parameters and the product's vector to "varying" first keeps every shard's
+    gradient and product local, so that the one explicit `psum` in this module is
+    the only sum, with or without the checks. A `lax.scan` carry that starts as
+    replicated zeros and accumulates shard-local sums needs the same cast.
+    """
+    if axis_name is None:
+        return tree
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+    def cast(x):
+        aval = jax.typeof(x)
+        varying = getattr(aval, "vma", None)  # its name in older jax
+        if varying is None:
+            varying = aval.manual_axis_type.varying
+        missing = tuple(n for n in names if n not in varying)
+        if not missing:
+            return x
+        if hasattr(jax.lax, "pcast"):
+            return jax.lax.pcast(x, missing, to="varying")
+        return jax.lax.pvary(x, missing)  # jax < 0.9
+
+    return jax.tree.map(cast, tree)
 
 
 def to_microbatches(tree: PyTree, n: int) -> PyTree:
@@ -215,6 +254,7 @@ class CurvatureOperator(eqx.Module):
     num_microbatches: int = eqx.field(static=True, default=1)
     model_fn: Callable | None = eqx.field(static=True, default=None)
     loss_fn: LossFn | None = eqx.field(static=True, default=None)
+    axis_name: AxisName | None = eqx.field(static=True, default=None)
 
     def _params_template(self) -> PyTree:
         treedef, leaves = self.params_struct
@@ -235,10 +275,12 @@ class CurvatureOperator(eqx.Module):
         template = self._params_template()
         check_like("vector", vector, template, "params")
         vector = jax.tree.map(lambda v, t: jnp.asarray(v, t.dtype), vector, template)
+        vector = _vary_over_shards(vector, self.axis_name)
         if self.num_microbatches == 1 and self.model_fn is None:
-            return self._product(
+            product = self._product(
                 self.linear_fn, self.predictions, self.target, self.loss_grads, vector
             )
+            return _sum_over_shards(product, self.axis_name)
         chunks = to_microbatches(
             (self.predictions, self.target, self.loss_grads, self.inputs),
             self.num_microbatches,
@@ -263,7 +305,9 @@ class CurvatureOperator(eqx.Module):
         zeros = jax.tree.map(
             lambda v: jnp.zeros(v.shape, jnp.result_type(jnp.float32, v.dtype)), vector
         )
+        zeros = _vary_over_shards(zeros, self.axis_name)
         total, _ = jax.lax.scan(accumulate, zeros, (self.linear_fn, chunks))
+        total = _sum_over_shards(total, self.axis_name)
         return jax.tree.map(lambda t, v: t.astype(v.dtype), total, vector)
 
     def _product(
@@ -319,6 +363,7 @@ def curvature_operator(
     vmap_over_data: bool = True,
     num_microbatches: int = 1,
     relinearize: bool = False,
+    axis_name: AxisName | None = None,
 ) -> CurvatureOperator:
     r"""Run the forward pass and `jax.linearize` once, and return the operator.
 
@@ -365,6 +410,13 @@ def curvature_operator(
         predictions are kept and each product re-runs the forward pass of each
         micro-batch: memory of one micro-batch's residuals, at the cost of one more
         forward pass per product.
+    - `axis_name`: inside `jax.shard_map` (or `pmap`), the name of the mapped axis
+        that splits the batch over devices. `data` is then this device's shard;
+        the loss, the gradient and every product are summed over the shards with
+        one `lax.psum` each, so every device holds the global values, and
+        `factor` defaults to `1/global_batch_size`. `predictions` stay local.
+        Under plain `jit` with a sharded batch, leave it `None`: XLA inserts the
+        sums itself.
 
     **Returns:**
 
@@ -438,7 +490,11 @@ def curvature_operator(
         )
 
     dtype = jnp.result_type(*jax.tree.leaves(params))
-    factor = jnp.asarray(1.0 / batch_size if factor is None else factor, dtype=dtype)
+    params = _vary_over_shards(params, axis_name)
+    if factor is None:
+        shards = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+        factor = 1.0 / (batch_size * shards)
+    factor = jnp.asarray(factor, dtype=dtype)
 
     def linearize(chunk):
         return _linearize(
@@ -467,9 +523,11 @@ def curvature_operator(
             lambda x: jnp.zeros(x.shape, jnp.result_type(jnp.float32, x.dtype)),
             shapes,
         )
+        zeros = _vary_over_shards(zeros, axis_name)
         totals, (pred, loss_grads, linear_fn) = jax.lax.scan(accumulate, zeros, chunks)
         value, grad = jax.tree.map(lambda t, x: t.astype(x.dtype), totals, shapes)
         pred, loss_grads = _from_microbatches((pred, loss_grads))
+    value, grad = _sum_over_shards((value, grad), axis_name)
 
     leaves, treedef = jax.tree.flatten(params)
     params_struct = (
@@ -493,4 +551,5 @@ def curvature_operator(
         num_microbatches=num_microbatches,
         model_fn=model_fn if relinearize else None,
         loss_fn=loss_fn,
+        axis_name=axis_name,
     )

@@ -16,6 +16,7 @@ from ._checks import check_like
 from ._losses import LossFn, resolve_loss
 from ._operator import (
     CURVATURES,
+    AxisName,
     Curvature,
     CurvatureOperator,
     curvature_operator,
@@ -81,6 +82,7 @@ class _Config(eqx.Module, strict=True):
     num_microbatches: int
     relinearize: bool
     throw: bool
+    axis_name: AxisName | None
 
     def __check_init__(self):
         resolve_loss(self.loss_fn)  # raises for an unknown name
@@ -136,7 +138,10 @@ def _raise_if_not_finite(
     op: CurvatureOperator,
     updates: PyTree,
 ) -> PyTree:
-    """`eqx.branched_error_if` naming the first non-finite quantity of a step."""
+    """`eqx.branched_error_if` naming the first non-finite quantity of a step.
+
+    With a mapped batch axis, a cause found on any shard counts on every shard.
+    """
     floating = [x for x in jax.tree.leaves(batch) if eqx.is_inexact_array(x)]
     bad = jnp.stack(
         [
@@ -149,6 +154,8 @@ def _raise_if_not_finite(
             ~tree_all_finite(direction),
         ]
     )
+    if op.axis_name is not None:
+        bad = jax.lax.pmax(bad.astype(jnp.int32), op.axis_name).astype(bool)
     message = ["eqx_ggn.scale_by_gauss_newton (throw=True): " + m for m in _NON_FINITE]
     return eqx.branched_error_if(direction, jnp.any(bad), jnp.argmax(bad), message)
 
@@ -193,6 +200,7 @@ def scale_by_gauss_newton(
     num_microbatches: int | None = None,
     relinearize: bool = False,
     throw: bool = False,
+    axis_name: AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition the gradient with a damped curvature matrix, solved by CG.
 
@@ -254,6 +262,13 @@ def scale_by_gauss_newton(
         in the optimizer state, the damping, the batch, the predictions, the loss,
         the incoming updates or CG's direction) raises an `eqx.error_if` runtime
         error naming the first cause, instead of returning zero updates.
+    - `axis_name`: inside `jax.shard_map` (or `pmap`), the mapped axis that splits
+        the batch over devices; see [`eqx_ggn.curvature_operator`][]. The loss,
+        the gradient and every product are then summed over the shards, so every
+        device takes the same step. The incoming `updates` must already be the
+        global gradient, e.g. `jax.grad(lambda p: lax.pmean(loss(p, batch),
+        axis_name))(params)`. Under plain `jit` with a sharded batch, leave it
+        `None`.
 
     Bad input never reaches the parameters: with `throw=False` a non-finite
     direction, loss, damping or reduction ratio rejects the step (zero updates,
@@ -304,6 +319,7 @@ def scale_by_gauss_newton(
         num_microbatches=1 if num_microbatches is None else num_microbatches,
         relinearize=relinearize,
         throw=throw,
+        axis_name=axis_name,
     )
     _check_numbers(
         damping=(damping, 0, float("inf")),
@@ -378,6 +394,7 @@ def scale_by_gauss_newton(
             vmap_over_data=config.vmap_over_data,
             num_microbatches=config.num_microbatches,
             relinearize=config.relinearize,
+            axis_name=config.axis_name,
         )
         lam = state.damping if config.adaptive_damping else damping
         lam = jnp.asarray(lam, jnp.float32)
@@ -450,6 +467,7 @@ def scale_by_gauss_newton(
                 op.factor,
                 config.vmap_over_data,
                 config.num_microbatches,
+                config.axis_name,
             )
             predicted = -tree_dot(op.grad, direction) + 0.5 * tree_dot(
                 direction, op.mv(direction)

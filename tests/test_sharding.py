@@ -1,4 +1,5 @@
-"""Data parallelism with JAX's own SPMD: a batch sharded over 4 forced CPU devices."""
+"""Data parallelism with JAX's own SPMD: a batch sharded over 4 forced CPU devices,
+under plain `jit` and inside `shard_map` or `pmap` (`axis_name`)."""
 
 import json
 import os
@@ -29,7 +30,15 @@ def test_sharded_batch_matches_single_device():
     # float32: products, gradient and loss to 1e-6, a full optimizer step to 1e-5.
     assert result["micro_all_gathers"] == 0, result
     assert result["micro_prediction_rows_per_device"] == 64 // 4, result
-    for name in ("mv", "grad", "loss", "lambda_max", "trace", "micro_mv"):
+    names = ["mv", "grad", "loss", "lambda_max", "trace", "micro_mv"]
+    names += [f"shard_map_{name}" for name in names]
+    names += ["shard_map_unchecked_mv", "shard_map_unchecked_grad"]
+    names += ["pmap_mv", "pmap_grad"]
+    for name in names:
         assert result[name] <= 1e-6, (name, result)
     assert result["micro_predictions"] <= 1e-6, result
     assert result["accepted"] and result["step"] <= 1e-5, result
+    assert result["shard_map_accepted"] and result["shard_map_step"] <= 1e-5, result
+    # A NaN in one shard is a rejection on every device, parameters untouched.
+    assert not result["shard_map_nan_accepted"], result
+    assert result["shard_map_nan_params_unchanged"], result
