@@ -26,10 +26,12 @@ def test_sharded_batch_matches_single_device():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["devices"] == 4 and result["input_shards"] == 4
-    assert result["prediction_rows_per_device"] == 64 // 4, result
-    # float32: products, gradient and loss to 1e-6, a full optimizer step to 1e-5.
     assert result["micro_all_gathers"] == 0, result
-    assert result["micro_prediction_rows_per_device"] == 64 // 4, result
+    for prefix in ("", "shard_map_"):
+        assert result[f"{prefix}prediction_rows_per_device"] == 64 // 4, result
+        assert result[f"{prefix}micro_prediction_rows_per_device"] == 64 // 4, result
+        assert result[f"{prefix}micro_predictions"] <= 1e-6, result
+    # float32: products, gradient and loss to 1e-6, a full optimizer step to 1e-5.
     names = ["mv", "grad", "loss", "lambda_max", "trace", "micro_mv"]
     names += [f"shard_map_{name}" for name in names]
     names += ["shard_map_unchecked_mv", "shard_map_unchecked_grad"]
