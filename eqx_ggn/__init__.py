@@ -1,6 +1,7 @@
 """Exact, matrix-free curvature for JAX + Equinox + Optax."""
 
 from ._cg import CGResult as CGResult, CGStop as CGStop, cg as cg
+from ._diagnostics import GaussNewtonWarning as GaussNewtonWarning
 from ._estimators import (
     exact_diagonal as exact_diagonal,
     hutchinson_diagonal as hutchinson_diagonal,
@@ -31,6 +32,7 @@ from ._monitor import (
 from ._operator import (
     CurvatureOperator as CurvatureOperator,
     curvature_operator as curvature_operator,
+    value_and_grad as value_and_grad,
 )
 from ._optimizer import (
     ScaleByGaussNewtonState as ScaleByGaussNewtonState,

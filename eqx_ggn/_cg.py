@@ -75,6 +75,11 @@ def _compute_dtype(tree: PyTree) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *jax.tree.leaves(tree))
 
 
+# The longest look-back of the progress test; its history lives in a ring buffer of
+# this length (+1), so a traced `maxiter` needs no array of its size.
+_PROGRESS_WINDOW = 1024
+
+
 def _axpy(alpha: Array, x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: alpha.astype(u.dtype) * u + v, x, y)
 
@@ -85,7 +90,7 @@ def cg(
     x0: PyTree[Array] | None = None,
     *,
     tol: float | Float[Array, ""] = 1e-5,
-    maxiter: int = 100,
+    maxiter: int | Int[Array, ""] = 100,
     preconditioner: Callable[[PyTree], PyTree] | None = None,
     progress_tol: float | Float[Array, ""] = 5e-4,
 ) -> CGResult:
@@ -101,7 +106,7 @@ def cg(
       'converged'; `b = 0` returns `x = 0` at once);
     - **`maxiter`** iterations;
     - **no progress** (Martens, 2010): with `phi(x) = x^T A x / 2 - b^T x` and
-      `k = max(10, 0.1 i)`, stop at step `i > k` if `phi_i < 0` and
+      `k = min(max(10, 0.1 i), 1024)`, stop at step `i > k` if `phi_i < 0` and
       `(phi_i - phi_{i-k}) / phi_i < k * progress_tol` (`progress_tol=0` disables);
     - **negative curvature**, `p^T A p <= 0`: the last good iterate is returned, as in
       truncated Newton; if this happens on the first step, the preconditioned
@@ -114,7 +119,8 @@ def cg(
     - `b`: the right-hand side.
     - `x0`: the starting point (zeros by default).
     - `tol`: the relative residual tolerance.
-    - `maxiter`: the maximum number of iterations (a Python int).
+    - `maxiter`: the maximum number of iterations: a Python int, or an integer
+        array (e.g. a scheduled hyperparameter) that may be traced.
     - `preconditioner`: `r -> M^{-1} r`, symmetric positive definite, or `None`.
     - `progress_tol`: the `epsilon` of Martens' relative-progress test.
 
@@ -136,8 +142,16 @@ def cg(
         assert jnp.allclose(a @ result.value["u"], b["u"], atol=1e-5)
         ```
     """
-    if not isinstance(maxiter, int) or maxiter < 0:
-        raise ValueError(f"maxiter must be a non-negative Python int, got {maxiter!r}.")
+    static_maxiter = isinstance(maxiter, int) and not isinstance(maxiter, bool)
+    if static_maxiter and maxiter < 0:
+        raise ValueError(f"maxiter must be non-negative, got {maxiter!r}.")
+    if not static_maxiter and not (
+        jnp.ndim(maxiter) == 0 and jnp.issubdtype(jnp.result_type(maxiter), jnp.integer)
+    ):
+        raise ValueError(
+            f"maxiter must be an int or an integer scalar array, got {maxiter!r}."
+        )
+    window = min(maxiter, _PROGRESS_WINDOW) if static_maxiter else _PROGRESS_WINDOW
     dtype = _compute_dtype(b)
     out_dtypes = jax.tree.map(lambda x: x.dtype, b)
     b = jax.tree.map(lambda x: x.astype(dtype), b)
@@ -161,7 +175,7 @@ def cg(
     r0 = b if start_at_zero else jax.tree.map(jnp.subtract, b, apply_a(x0))
     z0 = apply_m(r0)
     rz0 = tree_dot(r0, z0)
-    phis = jnp.zeros(maxiter + 1, dtype)
+    phis = jnp.zeros(window + 1, dtype)  # phi_i at index i mod (window + 1)
     phis = phis.at[0].set(-0.5 * tree_dot(x0, jax.tree.map(jnp.add, b, r0)))
     r0_norm = jnp.sqrt(tree_dot(r0, r0))
     zero_rhs = b_norm == 0
@@ -201,9 +215,9 @@ def cg(
         r_norm = jnp.sqrt(tree_dot(r_new, r_new))
         i_new = i + 1
         phi = -0.5 * tree_dot(x_new, jax.tree.map(jnp.add, b, r_new))
-        phis = phis.at[i_new].set(phi)
-        k = jnp.maximum(10, jnp.ceil(0.1 * i_new).astype(i_new.dtype))
-        phi_k = phis[jnp.maximum(i_new - k, 0)]
+        phis = phis.at[i_new % (window + 1)].set(phi)
+        k = jnp.clip(jnp.ceil(0.1 * i_new).astype(i_new.dtype), 10, _PROGRESS_WINDOW)
+        phi_k = phis[jnp.maximum(i_new - k, 0) % (window + 1)]
         stalled = (
             (progress_tol > 0)
             & (i_new > k)

@@ -34,8 +34,10 @@ def mse_loss(pred: Array, target: Array) -> Float[Array, ""]:
 def cross_entropy_loss(pred: Array, target: Array) -> Float[Array, ""]:
     """Softmax cross-entropy over the last axis, summed over all other axes.
 
-    `target` is either one-hot (or any probability vector) with the shape of `pred`,
-    or integer class labels with shape `pred.shape[:-1]`.
+    `pred` are **logits**, not probabilities: a model that ends in a softmax should
+    drop it (or return `jnp.log(probs)`). `target` is either one-hot (or any
+    probability vector) with the shape of `pred`, or integer class labels with
+    shape `pred.shape[:-1]` (a Python int for a single sample works too).
 
     !!! example
 
@@ -49,15 +51,25 @@ def cross_entropy_loss(pred: Array, target: Array) -> Float[Array, ""]:
         assert jnp.allclose(by_label, one_hot)
         ```
     """
+    pred, target = jnp.asarray(pred), jnp.asarray(target)
+    if pred.ndim == 0:
+        raise ValueError(
+            "cross_entropy_loss takes logits with a class axis (shape (..., C)), got "
+            "a scalar prediction; for one logit use binary_cross_entropy_loss."
+        )
     log_probs = jax.nn.log_softmax(pred, axis=-1)
-    if jnp.issubdtype(jnp.asarray(target).dtype, jnp.integer):
+    if jnp.issubdtype(target.dtype, jnp.integer):
         picked = jnp.take_along_axis(log_probs, target[..., None], axis=-1)
         return -jnp.sum(picked)
     return -jnp.sum(target * log_probs)
 
 
 def binary_cross_entropy_loss(pred: Array, target: Array) -> Float[Array, ""]:
-    """Sigmoid binary cross-entropy on logits, summed over all entries.
+    """Sigmoid binary cross-entropy on **logits**, summed over all entries.
+
+    `pred` are logits, not probabilities: a model that ends in `jax.nn.sigmoid`
+    should drop it (the loss applies the sigmoid itself), or return
+    `jax.scipy.special.logit(probs)`.
 
     !!! example
 
@@ -205,9 +217,17 @@ def check_target(loss_fn: LossFn | None, pred: Any, target: Any) -> None:
             f"prediction {type(pred).__name__} and target {type(target).__name__}."
         )
     pred_shape, target_shape = tuple(pred.shape), tuple(target.shape)
+    is_int = jnp.issubdtype(target.dtype, jnp.integer)
+    if loss_fn == "cross_entropy" and (len(pred_shape) < 2 or pred_shape[-1] < 2):
+        raise ValueError(
+            f"loss_fn='cross_entropy' takes logits with a class axis of at least 2 "
+            f"classes: per-sample predictions of shape (..., C), C >= 2, i.e. "
+            f"batched (batch, ..., C). The model returns predictions of shape "
+            f"{pred_shape} (batched). For one logit per sample use "
+            "loss_fn='binary_cross_entropy'; for a scalar output add a class axis."
+        )
     if pred_shape == target_shape:
         return
-    is_int = jnp.issubdtype(target.dtype, jnp.integer)
     if loss_fn == "cross_entropy" and is_int and target_shape == pred_shape[:-1]:
         return
     expected = f"{pred_shape}"

@@ -553,3 +553,87 @@ def curvature_operator(
         loss_fn=loss_fn,
         axis_name=axis_name,
     )
+
+
+def value_and_grad(
+    model_fn: Callable | None = None,
+    params: PyTree | None = None,
+    batch: dict[str, Any] | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    model: eqx.Module | None = None,
+    curvature: Curvature = "ggn",
+    factor: float | Float[Array, ""] | None = None,
+    vmap_over_data: bool = True,
+    num_microbatches: int = 1,
+    relinearize: bool = False,
+    axis_name: AxisName | None = None,
+    return_operator: bool = False,
+) -> Any:
+    r"""The value and gradient of exactly the package's objective, written once.
+
+    The objective is `factor * sum_i loss_fn(model(x_i), y_i)`, by default the batch
+    mean: the one [`eqx_ggn.scale_by_gauss_newton`][] solves with. The forward pass
+    is linearized once (this is [`eqx_ggn.curvature_operator`][]), so with
+    `return_operator=True` the same linearization gives the optimizer its
+    curvature: pass it on as `update(..., operator=op)` and the step runs the
+    model's forward pass no more often than the linearization needs.
+
+    **Arguments:**
+
+    - `model_fn`, `params`: `model_fn(*, input, params)` and its parameters; or
+        `model=` an Equinox module (all floating-point arrays are trained).
+    - `batch`: `{"input": X, "target": Y}`.
+    - `loss_fn`: `"mse"`, `"cross_entropy"`, `"binary_cross_entropy"`, `"none"`, or
+        a callable `loss(pred, target) -> scalar` for one sample.
+    - `curvature`, `factor`, `vmap_over_data`, `num_microbatches`, `relinearize`,
+        `axis_name`: as for [`eqx_ggn.curvature_operator`][]; `curvature` matters
+        only for the returned operator.
+    - `return_operator`: also return the [`eqx_ggn.CurvatureOperator`][].
+
+    **Returns:**
+
+    `(value, grad)`, with `grad` a pytree like `params` (for `model=`, like
+    `eqx.filter(model, eqx.is_inexact_array)`); with `return_operator=True`,
+    `((value, grad), operator)`.
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import eqx_ggn
+
+        mlp = eqx.nn.MLP(2, 3, 8, 1, key=jax.random.key(0))
+        x = jax.random.normal(jax.random.key(1), (16, 2))
+        batch = {"input": x, "target": (x[:, 0] > 0).astype(int)}
+        value, grads = eqx_ggn.value_and_grad(
+            model=mlp, batch=batch, loss_fn="cross_entropy"
+        )
+
+        def by_hand(m):  # the same objective, written by hand
+            logits = jax.vmap(m)(x)
+            return jax.vmap(eqx_ggn.cross_entropy_loss)(logits, batch["target"]).mean()
+
+        assert jnp.allclose(value, by_hand(mlp))
+        ```
+    """
+    op = curvature_operator(
+        model_fn,
+        params,
+        batch,
+        loss_fn,
+        model=model,
+        curvature=curvature,
+        factor=factor,
+        vmap_over_data=vmap_over_data,
+        num_microbatches=num_microbatches,
+        relinearize=relinearize,
+        axis_name=axis_name,
+    )
+    if op.loss is None:
+        raise ValueError("value_and_grad needs a loss_fn.")
+    if return_operator:
+        return (op.loss, op.grad), op
+    return op.loss, op.grad

@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._cg import cg
 from ._checks import check_like
+from ._diagnostics import is_definite, step_diagnostics, warn_if
 from ._losses import LossFn, resolve_loss
 from ._operator import (
     CURVATURES,
@@ -23,7 +24,8 @@ from ._operator import (
     objective_value,
 )
 from ._partition import as_model_fn
-from ._tree import tree_all_finite, tree_dot, tree_where
+from ._step_control import levenberg_marquardt, quadratic_model
+from ._tree import tree_all_finite, tree_where
 
 
 class ScaleByGaussNewtonState(NamedTuple):
@@ -31,16 +33,24 @@ class ScaleByGaussNewtonState(NamedTuple):
 
     - `count`: the number of `update` calls.
     - `damping`: the Tikhonov damping used in the last step (float32). With
-      `adaptive_damping=True` it is the value the next step starts from.
+      `adaptive_damping=True` (the default) it is the value the next step starts
+      from.
     - `loss`: the objective at the last linearization point (float32).
     - `cg_iterations`, `cg_residual`, `cg_stop_reason`: CG's step count, relative
       residual and [`eqx_ggn.CGStop`][] in the last step.
     - `reduction_ratio`: `(L(θ - d) - L(θ)) / q(-d)` with adaptive damping, else NaN.
     - `accepted`: whether the last step was taken (rejected steps return zeros).
+    - `rejected_steps`: how many steps in a row were rejected (0 after an accepted
+      one). A rejected step whose loss rose by no more than rounding (16 machine
+      epsilons of `loss_scale`), as happens once the loss reaches its floating-point
+      floor, does not count.
+    - `loss_scale`: the largest objective value seen (float32).
+    - `warned`: whether a [`eqx_ggn.GaussNewtonWarning`][] was emitted during the
+      current run of rejected steps.
     - `solution`: the last accepted CG solution (with `warm_start`), else `None`.
     - `diagonal`: the running average of the curvature diagonal (with
       `preconditioner="jacobi"`), else `None`.
-    - `momentum`: the momentum buffer (with non-zero `momentum`), else `None`.
+    - `momentum`: the momentum buffer (with a non-zero `momentum`), else `None`.
 
     !!! example
 
@@ -53,6 +63,7 @@ class ScaleByGaussNewtonState(NamedTuple):
         state = opt.init({"w": jnp.zeros(3)})
         assert optax.tree.get(state, "damping").dtype == jnp.float32
         assert optax.tree.get(state, "solution")["w"].shape == (3,)
+        assert optax.tree.get(state, "momentum") is None  # momentum is off
         ```
     """
 
@@ -64,6 +75,9 @@ class ScaleByGaussNewtonState(NamedTuple):
     cg_stop_reason: Int[Array, ""]
     reduction_ratio: Float[Array, ""]
     accepted: Bool[Array, ""]
+    rejected_steps: Int[Array, ""]
+    loss_scale: Float[Array, ""]
+    warned: Bool[Array, ""]
     solution: PyTree | None
     diagonal: PyTree | None
     momentum: PyTree | None
@@ -75,13 +89,13 @@ class _Config(eqx.Module, strict=True):
     loss_fn: LossFn
     curvature: str
     adaptive_damping: bool
-    cg_maxiter: int
     warm_start: bool
     preconditioner: str | None
     vmap_over_data: bool
     num_microbatches: int
     relinearize: bool
     throw: bool
+    warn: bool
     axis_name: AxisName | None
 
     def __check_init__(self):
@@ -96,16 +110,15 @@ class _Config(eqx.Module, strict=True):
                 f"Unknown preconditioner {self.preconditioner!r}; valid ones are "
                 "[None, 'jacobi']."
             )
-        for name in ("cg_maxiter", "num_microbatches"):
-            value = getattr(self, name)
-            if isinstance(value, jax.Array | np.ndarray):
-                raise ValueError(
-                    f"{name} sets array shapes and must be a Python int, got an "
-                    f"array; with optax.inject_hyperparams list {name!r} in "
-                    "static_args."
-                )
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        value = self.num_microbatches
+        if isinstance(value, jax.Array | np.ndarray):
+            raise ValueError(
+                "num_microbatches sets array shapes and must be a Python int, got "
+                "an array; with optax.inject_hyperparams list 'num_microbatches' in "
+                "static_args."
+            )
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"num_microbatches must be a positive int, got {value!r}.")
 
 
 def _is_number(x: Any) -> bool:
@@ -116,6 +129,20 @@ def _check_numbers(**values: Any) -> None:
     for name, (value, low, high) in values.items():
         if _is_number(value) and not low <= value <= high:
             raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
+
+
+def _check_maxiter(cg_maxiter: Any) -> None:
+    if _is_number(cg_maxiter):
+        if not isinstance(cg_maxiter, int) or cg_maxiter < 1:
+            raise ValueError(f"cg_maxiter must be a positive int, got {cg_maxiter!r}.")
+    elif not (
+        jnp.ndim(cg_maxiter) == 0
+        and jnp.issubdtype(jnp.result_type(cg_maxiter), jnp.integer)
+    ):
+        raise ValueError(
+            f"cg_maxiter must be a positive int or an integer scalar array, got "
+            f"{cg_maxiter!r}."
+        )
 
 
 _NON_FINITE = (
@@ -175,12 +202,87 @@ def _reset_non_finite(
     return state, jnp.all(jnp.stack(list(finite.values())))
 
 
+def _jacobi_preconditioner(
+    op: CurvatureOperator,
+    diagonal: PyTree,
+    count: Int[Array, ""],
+    decay: float | Float[Array, ""],
+    damping: Float[Array, ""],
+) -> tuple[PyTree, Callable]:
+    """Update the running Hutchinson estimate of the diagonal; return it and
+    `r -> r / (max(diag, 0) + damping)`."""
+    key = jax.random.fold_in(jax.random.key(0), count)
+    leaves, treedef = jax.tree.flatten(diagonal)
+    keys = jax.random.split(key, len(leaves))
+    probe = jax.tree.unflatten(
+        treedef,
+        [
+            jax.random.rademacher(k, x.shape, x.dtype)
+            for k, x in zip(keys, leaves, strict=True)
+        ],
+    )
+    estimate = jax.tree.map(jnp.multiply, probe, op.mv(probe))
+    decay = jnp.asarray(decay, jnp.float32)  # one dtype, number or array
+    diagonal = jax.tree.map(
+        lambda old, new: (decay * old + (1 - decay) * new).astype(old.dtype),
+        diagonal,
+        estimate,
+    )
+    debias = 1 - decay ** (count + 1)
+
+    def precondition(r):
+        return jax.tree.map(
+            lambda x, dg: x / (jnp.maximum(dg / debias, 0) + damping).astype(x.dtype),
+            r,
+            diagonal,
+        )
+
+    return diagonal, precondition
+
+
+def _operator_for_step(
+    config: _Config,
+    operator: CurvatureOperator | None,
+    model_fn: Callable,
+    params: PyTree,
+    batch: dict[str, Any],
+    factor: Any,
+) -> CurvatureOperator:
+    """The caller's operator after checking it fits, or a new linearization."""
+    if operator is None:
+        return curvature_operator(
+            model_fn,
+            params,
+            batch,
+            config.loss_fn,
+            curvature=config.curvature,
+            factor=factor,
+            vmap_over_data=config.vmap_over_data,
+            num_microbatches=config.num_microbatches,
+            relinearize=config.relinearize,
+            axis_name=config.axis_name,
+        )
+    if not isinstance(operator, CurvatureOperator):
+        raise ValueError(
+            f"operator must be an eqx_ggn.CurvatureOperator, got {type(operator)}."
+        )
+    for name in ("curvature", "loss_fn"):
+        if getattr(operator, name) != getattr(config, name):
+            raise ValueError(
+                f"The operator passed to update() has {name}="
+                f"{getattr(operator, name)!r}, but the optimizer has {name}="
+                f"{getattr(config, name)!r}."
+            )
+    check_like("operator.grad", operator.grad, params, "params")
+    return operator
+
+
 def scale_by_gauss_newton(
     loss_fn: LossFn = "mse",
     *,
     curvature: Curvature = "ggn",
-    damping: float = 1e-3,
-    adaptive_damping: bool = False,
+    damping: float = 1.0,
+    adaptive_damping: bool = True,
     lower_threshold: float = 0.25,
     upper_threshold: float = 0.75,
     damping_decrease: float = 2 / 3,
@@ -194,74 +296,95 @@ def scale_by_gauss_newton(
     warm_start_decay: float = 0.95,
     preconditioner: str | None = None,
     diagonal_decay: float = 0.95,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     factor: float | None = None,
     vmap_over_data: bool = True,
     num_microbatches: int | None = None,
     relinearize: bool = False,
     throw: bool = False,
+    warn: bool = True,
+    warn_after: int = 5,
     axis_name: AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition the gradient with a damped curvature matrix, solved by CG.
 
     Given the incoming updates `g` (the gradient of the package's objective
-    `factor * sum_i loss_i`, by default the batch mean), `update` linearizes the model
-    once on `batch`, then solves `(C + damping * I) d = g` matrix-free with
-    [`eqx_ggn.cg`][] and returns `d`. The sign is kept, as in
-    `optax.scale_by_adam`: follow with `optax.scale_by_learning_rate`, or use
-    [`eqx_ggn.gauss_newton`][].
+    `factor * sum_i loss_i`, by default the batch mean; see
+    [`eqx_ggn.value_and_grad`][]), `update` linearizes the model once on `batch`,
+    solves `(C + damping * I) d = g` matrix-free with [`eqx_ggn.cg`][] and returns
+    `d`. The sign is kept, as in `optax.scale_by_adam`: follow with
+    `optax.scale_by_learning_rate`, or use [`eqx_ggn.gauss_newton`][].
+
+    **Safe by default:** the Levenberg-Marquardt rule (`adaptive_damping=True`,
+    starting from `damping=1`) evaluates the loss at `θ - d` and rejects any step
+    that raises it, at the price of one more forward pass and one more product per
+    step. Opt out with `adaptive_damping=False` for a fixed damping.
 
     - `curvature="ggn"`: Gauss-Newton (with `adaptive_damping`, Levenberg-Marquardt).
     - `curvature="fisher"`: the **natural gradient**; for the built-in losses the
-      Fisher is the GGN, so this is the same step under its other name.
+      Fisher is the GGN, so this is the same step under its other name (for a
+      callable loss, too: the matrix is `J^T H J` with `H` the loss Hessian).
     - `curvature="hessian"`: Hessian-free (truncated Newton); CG stops at the first
       direction of non-positive curvature and returns the last good iterate.
     - `curvature="empirical_fisher"`: `factor * sum_i g_i g_i^T`.
 
     `update(updates, state, params, *, model_fn=None, model=None, batch=None,
-    **extra_args)`: `batch = {"input": X, "target": Y}`, and `model_fn(input=,
-    params=)` or, for an Equinox user, `model=` the module itself (frozen arrays
-    and other non-trained leaves are taken from it). Other keyword arguments are
-    ignored. Model state (dropout keys, BatchNorm statistics) must be fixed inside
-    `model_fn` for the step: every CG product then sees the same linearization.
+    operator=None, **extra_args)`: `batch = {"input": X, "target": Y}`, and
+    `model_fn(input=, params=)` or, for an Equinox user, `model=` the module itself
+    (frozen arrays and other non-trained leaves are taken from it). `operator=` a
+    [`eqx_ggn.CurvatureOperator`][] of this step (from
+    `eqx_ggn.value_and_grad(..., return_operator=True)`) is used instead of
+    linearizing again. Other keyword arguments are ignored. Model state (dropout
+    keys, BatchNorm statistics) must be fixed inside `model_fn` for the step: every
+    CG product then sees the same linearization.
 
     **Arguments:**
 
     - `loss_fn`: `"mse"`, `"cross_entropy"`, `"binary_cross_entropy"`, `"none"` or a
-        callable `loss(pred, target) -> scalar` for one sample.
+        callable `loss(pred, target) -> scalar` for one sample. Cross-entropy losses
+        take **logits**, not probabilities.
     - `curvature`: `"ggn"` | `"fisher"` | `"empirical_fisher"` | `"hessian"`.
     - `damping`: the (initial) Tikhonov damping `λ`.
-    - `adaptive_damping`: the Levenberg-Marquardt rule. After the solve, one more
-        forward pass gives the reduction ratio
+    - `adaptive_damping`: the Levenberg-Marquardt rule. After
+        the solve, one more forward pass gives the reduction ratio
         `rho = (L(θ - d) - L(θ)) / q(-d)`, `q(s) = ∇L^T s + s^T C s / 2`, on the same
         batch (`d` taken as the whole step, i.e. learning rate 1). `rho <
         lower_threshold` multiplies `λ` by `damping_increase`, `rho >
         upper_threshold` by `damping_decrease`; `λ` is clipped to
         `[min_damping, max_damping]`. A NaN `rho` or a loss increase rejects the step:
-        zero updates, and `λ` grows by `damping_increase`.
+        zero updates, and `λ` grows by `damping_increase`. With it, `damping` is
+        only the starting value; schedule `min_damping` to steer it.
     - `lower_threshold`, `upper_threshold`, `damping_decrease`, `damping_increase`,
         `min_damping`, `max_damping`: the rule's constants.
     - `cg_maxiter`, `cg_tol`, `cg_progress_tol`: CG's iteration cap, relative
         residual tolerance and Martens' progress tolerance (see [`eqx_ggn.cg`][]).
+        `cg_maxiter` may be a traced integer (e.g. scheduled).
     - `warm_start`: start CG from `warm_start_decay` times the previous solution
         (Martens 2010 uses 0.95).
     - `preconditioner`: `None` or `"jacobi"`: divide by a running average (decay
         `diagonal_decay`) of a one-sample Hutchinson estimate of the curvature's
         diagonal, clipped at 0, plus `λ`. It costs one more product per step.
-    - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`.
+    - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`;
+        `None` (default) keeps no buffer.
     - `factor`: the objective's factor; defaults to `1/batch_size` (the batch mean).
     - `vmap_over_data`: apply `model_fn` per sample (default) or to the whole batch.
     - `num_microbatches`, `relinearize`: accumulate the gradient, the loss and every
         product over equal micro-batches in a `lax.scan`, keeping each micro-batch's
         linearization or recomputing it per product; see
         [`eqx_ggn.curvature_operator`][] for the memory and time each costs. `None`
-        means 1 (and keeps `optax.inject_hyperparams` from turning it into an
-        array; `cg_maxiter` and a given `num_microbatches` belong in its
-        `static_args`).
+        means 1. It sets array shapes: under `optax.inject_hyperparams`, a given
+        `num_microbatches` belongs in `static_args`.
     - `throw`: a debugging switch. A step that meets non-finite values (NaN/Inf
         in the optimizer state, the damping, the batch, the predictions, the loss,
         the incoming updates or CG's direction) raises an `eqx.error_if` runtime
         error naming the first cause, instead of returning zero updates.
+    - `warn`: emit a [`eqx_ggn.GaussNewtonWarning`][] (a `UserWarning`) once
+        `warn_after` steps in a row were rejected, on the first rejected step when
+        a definite cause is seen (labels out of range, a non-finite batch,
+        probabilities given to a logits loss), or when the damping reaches
+        `max_damping`. It names the likely causes, with the relative difference
+        between the incoming gradient and the objective's. The host is called only
+        when a warning is due.
     - `axis_name`: inside `jax.shard_map` (or `pmap`), the mapped axis that splits
         the batch over devices; see [`eqx_ggn.curvature_operator`][]. The loss,
         the gradient and every product are then summed over the shards, so every
@@ -294,33 +417,35 @@ def scale_by_gauss_newton(
         x = jax.random.normal(jax.random.key(0), (16, 3))
         batch = {"input": x, "target": jnp.tanh(x @ jnp.ones((3, 2)))}
         opt = optax.chain(
-            eqx_ggn.scale_by_gauss_newton("mse", damping=1e-4, cg_maxiter=6),
+            eqx_ggn.scale_by_gauss_newton("mse", cg_maxiter=6),
             optax.scale_by_learning_rate(1.0),
         )
         state = opt.init(params)
-        for _ in range(5):
-            grads = jax.grad(
-                lambda p: jnp.mean(jnp.sum((model_fn(x, p) - batch["target"]) ** 2, 1))
-            )(params)
+        losses = []
+        for _ in range(10):
+            loss, grads = eqx_ggn.value_and_grad(model_fn, params, batch, "mse")
             updates, state = opt.update(
                 grads, state, params, model_fn=model_fn, batch=batch
             )
             params = optax.apply_updates(params, updates)
+            losses.append(float(loss))
+        assert losses[-1] < 1e-2 * losses[0]
         ```
     """
     config = _Config(
         loss_fn=loss_fn,
         curvature=curvature,
         adaptive_damping=adaptive_damping,
-        cg_maxiter=cg_maxiter,
         warm_start=warm_start,
         preconditioner=preconditioner,
         vmap_over_data=vmap_over_data,
         num_microbatches=1 if num_microbatches is None else num_microbatches,
         relinearize=relinearize,
         throw=throw,
+        warn=warn,
         axis_name=axis_name,
     )
+    _check_maxiter(cg_maxiter)
     _check_numbers(
         damping=(damping, 0, float("inf")),
         min_damping=(min_damping, 0, float("inf")),
@@ -331,8 +456,17 @@ def scale_by_gauss_newton(
         diagonal_decay=(diagonal_decay, 0, 1),
         damping_decrease=(damping_decrease, 0, 1),
         damping_increase=(damping_increase, 1, float("inf")),
+        warn_after=(warn_after, 1, float("inf")),
     )
-    use_momentum = not (_is_number(momentum) and momentum == 0)
+    use_momentum = momentum is not None and not (_is_number(momentum) and momentum == 0)
+    lm_constants = {
+        "lower_threshold": lower_threshold,
+        "upper_threshold": upper_threshold,
+        "damping_decrease": damping_decrease,
+        "damping_increase": damping_increase,
+        "min_damping": min_damping,
+        "max_damping": max_damping,
+    }
 
     def init_fn(params: PyTree) -> ScaleByGaussNewtonState:
         def zeros():
@@ -347,6 +481,9 @@ def scale_by_gauss_newton(
             cg_stop_reason=jnp.asarray(-1, jnp.int32),
             reduction_ratio=jnp.asarray(jnp.nan, jnp.float32),
             accepted=jnp.asarray(True),
+            rejected_steps=jnp.zeros([], jnp.int32),
+            loss_scale=jnp.zeros([], jnp.float32),
+            warned=jnp.asarray(False),
             solution=zeros() if config.warm_start else None,
             diagonal=zeros() if config.preconditioner == "jacobi" else None,
             momentum=zeros() if use_momentum else None,
@@ -360,6 +497,7 @@ def scale_by_gauss_newton(
         model_fn: Callable | None = None,
         model: eqx.Module | None = None,
         batch: dict[str, Any] | None = None,
+        operator: CurvatureOperator | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, ScaleByGaussNewtonState]:
         del extra_args
@@ -383,19 +521,7 @@ def scale_by_gauss_newton(
             model_fn = as_model_fn(model)  # `params` take precedence over its leaves
         check_like("updates", updates, params, "params")
         state, state_finite = _reset_non_finite(state, init_fn(params))
-
-        op = curvature_operator(
-            model_fn,
-            params,
-            batch,
-            config.loss_fn,
-            curvature=config.curvature,
-            factor=factor,
-            vmap_over_data=config.vmap_over_data,
-            num_microbatches=config.num_microbatches,
-            relinearize=config.relinearize,
-            axis_name=config.axis_name,
-        )
+        op = _operator_for_step(config, operator, model_fn, params, batch, factor)
         lam = state.damping if config.adaptive_damping else damping
         lam = jnp.asarray(lam, jnp.float32)
 
@@ -404,35 +530,9 @@ def scale_by_gauss_newton(
 
         diagonal, precond = state.diagonal, None
         if config.preconditioner == "jacobi":
-            key = jax.random.fold_in(jax.random.key(0), state.count)
-            leaves, treedef = jax.tree.flatten(params)
-            keys = jax.random.split(key, len(leaves))
-            probe = jax.tree.unflatten(
-                treedef,
-                [
-                    jax.random.rademacher(k, x.shape, x.dtype)
-                    for k, x in zip(keys, leaves, strict=True)
-                ],
+            diagonal, precond = _jacobi_preconditioner(
+                op, state.diagonal, state.count, diagonal_decay, lam
             )
-            estimate = jax.tree.map(jnp.multiply, probe, op.mv(probe))
-            # One float32 value, whether the hyperparameter is a number or an array.
-            decay = jnp.asarray(diagonal_decay, jnp.float32)
-            diagonal = jax.tree.map(
-                lambda old, new: (decay * old + (1 - decay) * new).astype(old.dtype),
-                state.diagonal,
-                estimate,
-            )
-            debias = 1 - decay ** (state.count + 1)
-
-            def precond(r):
-                return jax.tree.map(
-                    lambda x, dg: (
-                        x / (jnp.maximum(dg / debias, 0) + lam).astype(x.dtype)
-                    ),
-                    r,
-                    diagonal,
-                )
-
         x0 = None
         if config.warm_start:
             x0 = jax.tree.map(lambda s: warm_start_decay * s, state.solution)
@@ -441,7 +541,7 @@ def scale_by_gauss_newton(
             updates,
             x0,
             tol=cg_tol,
-            maxiter=config.cg_maxiter,
+            maxiter=cg_maxiter,
             preconditioner=precond,
             progress_tol=cg_progress_tol,
         )
@@ -469,21 +569,41 @@ def scale_by_gauss_newton(
                 config.num_microbatches,
                 config.axis_name,
             )
-            predicted = -tree_dot(op.grad, direction) + 0.5 * tree_dot(
-                direction, op.mv(direction)
-            )
-            rho = ((new_loss - op.loss) / predicted).astype(jnp.float32)
-            accepted = finite & jnp.isfinite(rho) & (new_loss <= op.loss)
-            grown = jnp.where(rho < lower_threshold, lam * damping_increase, lam)
-            adapted = jnp.where(rho > upper_threshold, lam * damping_decrease, grown)
-            new_damping = jnp.where(accepted, adapted, lam * damping_increase)
-            new_damping = jnp.clip(new_damping, min_damping, max_damping)
+            predicted = quadratic_model(op.grad, direction, op.mv(direction))
+            new_loss = jnp.where(finite, new_loss, jnp.nan)  # rejects the step
+            lm = levenberg_marquardt(lam, op.loss, new_loss, predicted, **lm_constants)
+            accepted, new_damping, rho = lm
+            loss_scale = jnp.maximum(state.loss_scale, jnp.abs(op.loss))
+            eps = jnp.finfo(jnp.result_type(op.loss)).eps
+            failed = ~accepted & ~(new_loss - op.loss <= 16 * eps * loss_scale)
         else:
             rho = jnp.asarray(jnp.nan, jnp.float32)
-            accepted = finite
+            accepted, failed = finite, ~finite
             new_damping = lam
+            loss_scale = jnp.maximum(state.loss_scale, jnp.abs(op.loss))
 
-        zeros = jax.tree.map(jnp.zeros_like, direction)
+        rejected_steps = jnp.where(failed, state.rejected_steps + 1, 0)
+        warned = state.warned
+        if config.warn:
+            diagnostics = step_diagnostics(
+                config.loss_fn, op.predictions, op.grad, updates, batch, op.axis_name
+            )
+            due = (rejected_steps == warn_after) | (
+                (rejected_steps == 1) & is_definite(diagnostics)
+            )
+            if config.adaptive_damping:
+                due |= (new_damping >= max_damping) & (lam < max_damping) & failed
+            due &= ~warned
+            warn_if(
+                due,
+                config.loss_fn,
+                max_damping,
+                rejected_steps,
+                new_damping,
+                diagnostics,
+            )
+            warned = (warned | due) & failed
+
         step = direction
         momentum_buffer = state.momentum
         if use_momentum:
@@ -509,10 +629,14 @@ def scale_by_gauss_newton(
             cg_stop_reason=jnp.asarray(result.stop_reason, jnp.int32),
             reduction_ratio=rho,
             accepted=jnp.asarray(accepted),
+            rejected_steps=rejected_steps.astype(jnp.int32),
+            loss_scale=jnp.nan_to_num(loss_scale).astype(jnp.float32),
+            warned=jnp.asarray(warned),
             solution=solution,
             diagonal=diagonal,
             momentum=momentum_buffer,
         )
+        zeros = jax.tree.map(jnp.zeros_like, step)
         return tree_where(accepted, step, zeros), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -530,7 +654,8 @@ def gauss_newton(
     **Arguments:**
 
     - `learning_rate`: a number or an Optax schedule. 1.0 is the full (damped)
-        Gauss-Newton step.
+        Gauss-Newton step, the one the Levenberg-Marquardt rule checks; a smaller
+        one shortens an accepted step (see "Damping and CG" in the docs).
     - `**kwargs`: every keyword argument of [`eqx_ggn.scale_by_gauss_newton`][]
         (`loss_fn`, `curvature`, `damping`, `adaptive_damping`, `cg_maxiter`, ...).
 
@@ -548,25 +673,26 @@ def gauss_newton(
         model = eqx.nn.MLP(2, 3, 16, 1, key=jax.random.key(0))
         x = jax.random.normal(jax.random.key(1), (64, 2))
         batch = {"input": x, "target": (x[:, 0] > 0).astype(int)}
-        opt = eqx_ggn.gauss_newton(
-            learning_rate=1.0, loss_fn="cross_entropy", damping=1e-3
-        )
+        opt = eqx_ggn.gauss_newton(learning_rate=1.0, loss_fn="cross_entropy")
         state = opt.init(eqx.filter(model, eqx.is_inexact_array))
 
         @eqx.filter_jit
         def step(model, state):
-            def loss(m):
-                logits = jax.vmap(m)(batch["input"])
-                losses = jax.vmap(eqx_ggn.cross_entropy_loss)(logits, batch["target"])
-                return losses.mean()
-
-            grads = eqx.filter_grad(loss)(model)
+            (loss, grads), op = eqx_ggn.value_and_grad(
+                model=model, batch=batch, loss_fn="cross_entropy",
+                return_operator=True,
+            )
             params = eqx.filter(model, eqx.is_inexact_array)
-            updates, state = opt.update(grads, state, params, model=model, batch=batch)
-            return eqx.apply_updates(model, updates), state
+            updates, state = opt.update(
+                grads, state, params, model=model, batch=batch, operator=op
+            )
+            return eqx.apply_updates(model, updates), state, loss
 
-        for _ in range(3):
-            model, state = step(model, state)
+        losses = []
+        for _ in range(10):
+            model, state, loss = step(model, state)
+            losses.append(float(loss))
+        assert losses[-1] < 0.2 * losses[0]
         ```
     """
     return optax.chain(

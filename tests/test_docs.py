@@ -1,6 +1,7 @@
 """Every public name is documented, and every code example in the docs runs."""
 
 import inspect
+import itertools
 import pathlib
 import re
 import textwrap
@@ -44,4 +45,9 @@ def test_readme_examples_run():
     blocks = _examples((ROOT / "README.md").read_text())
     assert blocks, "README has no python example"
     for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+        namespace = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        # A training loop's losses never rise (a rejected step repeats the value).
+        losses = namespace.get("losses", [])
+        assert all(b <= a for a, b in itertools.pairwise(losses)), losses
+        assert not losses or losses[-1] < 0.1 * losses[0], losses

@@ -1,6 +1,7 @@
 """Bad input gets a clear ValueError at trace time."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import pytest
 from helpers import make_problem
@@ -130,3 +131,31 @@ def test_curvature_needs_a_loss_value(problem):
         eqx_ggn.curvature_operator(
             model_fn, params, data, "mse", curvature="hessian", loss_hessian_mv=hmv
         )
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "target", "pattern"),
+    [
+        ("cross_entropy", jnp.zeros((6,), int), r"loss_fn='cross_entropy'.*\(6,\)"),
+        ("mse", jnp.zeros((6, 1)), r"\(6, 1\).*\(6,\) for loss_fn='mse'"),
+        (
+            "binary_cross_entropy",
+            jnp.zeros((6, 1)),
+            r"\(6, 1\).*\(6,\) for loss_fn='binary_cross_entropy'",
+        ),
+    ],
+)
+def test_scalar_output_is_named(loss_fn, target, pattern):
+    # A model with a scalar output: the prediction shape and the loss are named.
+    model = eqx.nn.MLP(3, "scalar", 4, 1, key=jax.random.key(0))
+    data = {"input": jnp.ones((6, 3)), "target": target}
+    with pytest.raises(ValueError, match=pattern):
+        eqx_ggn.value_and_grad(model=model, batch=data, loss_fn=loss_fn)
+
+
+def test_loss_functions_take_python_labels():
+    logits = jnp.array([2.0, 0.0, -1.0])
+    expected = -jax.nn.log_softmax(logits)[1]
+    assert jnp.allclose(eqx_ggn.cross_entropy_loss(logits, 1), expected)
+    with pytest.raises(ValueError, match="class axis"):
+        eqx_ggn.cross_entropy_loss(jnp.array(1.0), 0)

@@ -273,9 +273,9 @@ def test_non_finite_injected_damping_rejects_the_step_or_is_named():
     grads = _grads(model_fn, params, batch)
 
     def make(throw):
-        return optax.inject_hyperparams(
-            eqx_ggn.scale_by_gauss_newton, static_args=("cg_maxiter",)
-        )("mse", damping=1e-3, cg_maxiter=5, throw=throw)
+        return optax.inject_hyperparams(eqx_ggn.scale_by_gauss_newton)(
+            "mse", damping=1e-3, adaptive_damping=False, cg_maxiter=5, throw=throw
+        )
 
     def update(opt):
         state = opt.init(params)

@@ -1,0 +1,195 @@
+"""Diagnostics that reach the user without `throw`: one warning per problem.
+
+The optimizer computes a few scalars on the device every step (cheap reductions,
+no host round trip) and calls the host only when a warning is due, from inside a
+`lax.cond`.
+"""
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, PyTree
+
+from ._losses import LossFn
+from ._tree import tree_all_finite, tree_dot
+
+
+class GaussNewtonWarning(UserWarning):
+    """Warned by [`eqx_ggn.scale_by_gauss_newton`][] when its steps keep failing.
+
+    It fires once per run of rejected steps (after `warn_after` of them, or on the
+    first one when a definite cause such as an out-of-range label is seen) and when
+    the damping reaches `max_damping`. The message names the likely causes it found.
+    Filter it like any warning, or pass `warn=False` to the optimizer.
+
+    !!! example
+
+        ```python
+        import warnings
+        import eqx_ggn
+
+        warnings.simplefilter("error", eqx_ggn.GaussNewtonWarning)  # fail loudly
+        warnings.simplefilter("default", eqx_ggn.GaussNewtonWarning)  # back again
+        ```
+    """
+
+
+class StepDiagnostics(NamedTuple):
+    """Scalars about one step, all computed on the device."""
+
+    gradient_mismatch: Float[Array, ""]
+    probabilities: Bool[Array, ""]
+    labels_out_of_range: Bool[Array, ""]
+    batch_non_finite: Bool[Array, ""]
+
+
+def _looks_like_probabilities(loss_fn: LossFn, pred: PyTree) -> Bool[Array, ""]:
+    """Predictions that are probabilities given to a logits loss."""
+    if loss_fn not in ("binary_cross_entropy", "cross_entropy") or not hasattr(
+        pred, "shape"
+    ):
+        return jnp.asarray(False)
+    inside = jnp.all((pred >= 0) & (pred <= 1))
+    if loss_fn == "binary_cross_entropy":
+        return inside
+    return inside & jnp.all(jnp.abs(jnp.sum(pred, axis=-1) - 1) < 1e-3)
+
+
+def _labels_out_of_range(loss_fn: LossFn, pred: PyTree, target: PyTree) -> Any:
+    if loss_fn != "cross_entropy" or not hasattr(target, "dtype"):
+        return jnp.asarray(False)
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        return jnp.asarray(False)
+    return jnp.any((target < 0) | (target >= pred.shape[-1]))
+
+
+def step_diagnostics(
+    loss_fn: LossFn,
+    predictions: PyTree,
+    grad: PyTree,
+    updates: PyTree,
+    batch: dict[str, Any],
+    axis_name: Any = None,
+) -> StepDiagnostics:
+    """What the warning reports: measured on this step's batch and gradients.
+
+    `gradient_mismatch` is `||updates - grad|| / ||grad||`, the incoming gradient
+    against the operator's gradient of the package's objective.
+    """
+    diff = jax.tree.map(lambda u, g: u.astype(g.dtype) - g, updates, grad)
+    mismatch = jnp.sqrt(tree_dot(diff, diff) / jnp.maximum(tree_dot(grad, grad), 1e-30))
+    floating = [
+        x for x in jax.tree.leaves(batch) if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    flags = jnp.stack(
+        [
+            _looks_like_probabilities(loss_fn, predictions),
+            _labels_out_of_range(loss_fn, predictions, batch["target"]),
+            ~tree_all_finite(floating),
+        ]
+    )
+    if axis_name is not None:  # one verdict over all shards
+        flags = jax.lax.pmax(flags.astype(jnp.int32), axis_name).astype(bool)
+        flags = flags.at[0].set(
+            jax.lax.pmin(flags[0].astype(jnp.int32), axis_name).astype(bool)
+        )
+    return StepDiagnostics(mismatch.astype(jnp.float32), flags[0], flags[1], flags[2])
+
+
+def is_definite(diagnostics: StepDiagnostics) -> Bool[Array, ""]:
+    """A cause that is certainly wrong, worth a warning on the first rejection."""
+    return (
+        diagnostics.labels_out_of_range
+        | diagnostics.batch_non_finite
+        | (diagnostics.probabilities & (diagnostics.gradient_mismatch > 0.1))
+    )
+
+
+def _message(
+    rejected: int,
+    damping: float,
+    max_damping: float,
+    loss_fn: str,
+    mismatch: float,
+    probabilities: bool,
+    labels: bool,
+    non_finite: bool,
+) -> str:
+    if rejected > 0:
+        head = f"{rejected} consecutive step(s) rejected (damping now {damping:.3g})"
+    else:
+        head = f"the damping reached max_damping={max_damping:.3g}"
+    causes = []
+    if probabilities:
+        causes.append(
+            f"the predictions all look like probabilities, but loss_fn={loss_fn!r} "
+            "takes logits: drop the final sigmoid/softmax from the model"
+        )
+    if mismatch > 0.1:
+        causes.append(
+            f"the incoming gradient differs from the gradient of the package's "
+            f"objective by {100 * mismatch:.3g}% (relative): compute it with "
+            "eqx_ggn.value_and_grad, or check that your loss is the batch mean of "
+            f"loss_fn={loss_fn!r} (a transform earlier in the chain also changes it)"
+        )
+    if labels:
+        causes.append("integer labels lie outside [0, number of classes)")
+    if non_finite:
+        causes.append("the batch holds NaN or Inf")
+    if not causes:
+        causes = [
+            "loss_fn may not match the model's output (e.g. probabilities given to "
+            "a logits loss)",
+            "the incoming gradient may not be that of the package's objective",
+            "the learning rate or the curvature may not suit the problem; try a "
+            "larger damping",
+        ]
+    return (
+        "eqx_ggn.scale_by_gauss_newton: "
+        + head
+        + ". Likely causes:\n- "
+        + "\n- ".join(causes)
+        + "\n(pass warn=False to silence, or throw=True to stop at non-finite values)"
+    )
+
+
+def _warn_on_host(loss_fn: str, max_damping: float, *values: Any) -> None:
+    rejected, damping, mismatch, probs, labels, non_finite = (x.item() for x in values)
+    message = _message(
+        int(rejected),
+        float(damping),
+        max_damping,
+        loss_fn,
+        float(mismatch),
+        bool(probs),
+        bool(labels),
+        bool(non_finite),
+    )
+    warnings.warn(message, GaussNewtonWarning, stacklevel=2)
+
+
+def warn_if(
+    due: Bool[Array, ""],
+    loss_fn: LossFn,
+    max_damping: Any,
+    rejected: Array,
+    damping: Array,
+    diagnostics: StepDiagnostics,
+) -> None:
+    """Emit one [`GaussNewtonWarning`][eqx_ggn.GaussNewtonWarning] when `due`.
+
+    The host is called only on that step: the callback sits in a `lax.cond`.
+    """
+    name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", "?")
+    values = (rejected, damping, *diagnostics)
+
+    def emit(max_damping, values):
+        jax.debug.callback(
+            lambda *v: _warn_on_host(name, float(v[0]), *v[1:]), max_damping, *values
+        )
+
+    jax.lax.cond(
+        due, emit, lambda *_: None, jnp.asarray(max_damping, jnp.float32), values
+    )
