@@ -71,7 +71,7 @@ def _sum_over_shards(tree: PyTree, axis_name: AxisName | None) -> PyTree:
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
-def _vary_over_shards(tree: PyTree, axis_name: AxisName | None) -> PyTree:
+def vary_over_shards(tree: PyTree, axis_name: AxisName | None) -> PyTree:
     """Mark replicated arrays as varying over the mapped batch axis.
 
     Under `shard_map`'s type checks (`check_vma=True`), differentiating through a
@@ -217,6 +217,8 @@ class CurvatureOperator(eqx.Module):
 
     - `mv(vector)` (also `op(vector)`): the curvature times a pytree like `params`.
     - `as_matrix()`: the dense `P x P` matrix, in `ravel_pytree(params)` order.
+    - `solve(vector, damping, *, solver="dense")`: the exact damped solve
+        `(C + damping I)^{-1} vector`, dense or in sample space.
 
     The GGN product uses only the linear JVP, the loss Hessian in output space and
     the transposed JVP; no forward pass is repeated.
@@ -255,6 +257,7 @@ class CurvatureOperator(eqx.Module):
     model_fn: Callable | None = eqx.field(static=True, default=None)
     loss_fn: LossFn | None = eqx.field(static=True, default=None)
     axis_name: AxisName | None = eqx.field(static=True, default=None)
+    relinearize: bool = eqx.field(static=True, default=False)
 
     def _params_template(self) -> PyTree:
         treedef, leaves = self.params_struct
@@ -275,8 +278,8 @@ class CurvatureOperator(eqx.Module):
         template = self._params_template()
         check_like("vector", vector, template, "params")
         vector = jax.tree.map(lambda v, t: jnp.asarray(v, t.dtype), vector, template)
-        vector = _vary_over_shards(vector, self.axis_name)
-        if self.num_microbatches == 1 and self.model_fn is None:
+        vector = vary_over_shards(vector, self.axis_name)
+        if self.num_microbatches == 1 and not self.relinearize:
             product = self._product(
                 self.linear_fn, self.predictions, self.target, self.loss_grads, vector
             )
@@ -305,7 +308,7 @@ class CurvatureOperator(eqx.Module):
         zeros = jax.tree.map(
             lambda v: jnp.zeros(v.shape, jnp.result_type(jnp.float32, v.dtype)), vector
         )
-        zeros = _vary_over_shards(zeros, self.axis_name)
+        zeros = vary_over_shards(zeros, self.axis_name)
         total, _ = jax.lax.scan(accumulate, zeros, (self.linear_fn, chunks))
         total = _sum_over_shards(total, self.axis_name)
         return jax.tree.map(lambda t, v: t.astype(v.dtype), total, vector)
@@ -335,6 +338,58 @@ class CurvatureOperator(eqx.Module):
     def __call__(self, vector: PyTree) -> PyTree:
         """Same as `mv`, so the operator can stand wherever a `mv` callable does."""
         return self.mv(vector)
+
+    def solve(
+        self,
+        vector: PyTree,
+        damping: float | Float[Array, ""],
+        *,
+        solver: str = "dense",
+        cg_maxiter: int = 100,
+        cg_tol: float = 1e-10,
+    ) -> PyTree:
+        r"""Solve `(C + damping * I) d = vector` exactly (or by CG).
+
+        **Arguments:**
+
+        - `vector`: the right-hand side, a pytree like `params`.
+        - `damping`: `λ >= 0`. With `λ = 0` and a singular `C`, the exact solvers
+            return the minimum-norm solution (a truncated pseudo-inverse).
+        - `solver`: `"dense"` (the `P x P` matrix, Cholesky), `"sample_space"`
+            (the `(N O) x (N O)` kernel and the push-through identity; not for
+            `curvature="hessian"`), `"auto"` (the cheaper of the two that fits 1
+            GiB, else CG) or `"cg"` (matrix-free, `cg_maxiter`, `cg_tol`). See
+            "Choosing a solver" in the docs for the cost of each.
+
+        **Returns:**
+
+        `d`, a pytree like `params`, in their dtypes; the factorization runs in
+        at least float32.
+
+        !!! example
+
+            ```python
+            import equinox as eqx
+            import jax
+            import jax.numpy as jnp
+            import eqx_ggn
+
+            mlp = eqx.nn.MLP(2, 1, 8, 1, key=jax.random.key(0))
+            x = jnp.linspace(-1, 1, 16).reshape(8, 2)
+            data = {"input": x, "target": x[:, :1]}
+            op = eqx_ggn.curvature_operator(model=mlp, data=data, loss_fn="mse")
+            d = op.solve(op.grad, 1e-3, solver="sample_space")  # 8 x 8 kernel
+            dense = op.as_matrix() + 1e-3 * jnp.eye(33)
+            flat = jax.flatten_util.ravel_pytree
+            expected = jnp.linalg.solve(dense, flat(op.grad)[0])
+            assert jnp.allclose(flat(d)[0], expected, rtol=1e-3, atol=1e-5)
+            ```
+        """
+        from ._solvers import solve_with
+
+        template = self._params_template()
+        check_like("vector", vector, template, "params")
+        return solve_with(solver, self, vector, damping, cg_maxiter, cg_tol).value
 
     def as_matrix(self) -> Float[Array, "P P"]:
         """The dense curvature matrix in `jax.flatten_util.ravel_pytree` order.
@@ -490,7 +545,7 @@ def curvature_operator(
         )
 
     dtype = jnp.result_type(*jax.tree.leaves(params))
-    params = _vary_over_shards(params, axis_name)
+    params = vary_over_shards(params, axis_name)
     if factor is None:
         shards = 1 if axis_name is None else jax.lax.psum(1, axis_name)
         factor = 1.0 / (batch_size * shards)
@@ -523,7 +578,7 @@ def curvature_operator(
             lambda x: jnp.zeros(x.shape, jnp.result_type(jnp.float32, x.dtype)),
             shapes,
         )
-        zeros = _vary_over_shards(zeros, axis_name)
+        zeros = vary_over_shards(zeros, axis_name)
         totals, (pred, loss_grads, linear_fn) = jax.lax.scan(accumulate, zeros, chunks)
         value, grad = jax.tree.map(lambda t, x: t.astype(x.dtype), totals, shapes)
         pred, loss_grads = _from_microbatches((pred, loss_grads))
@@ -542,14 +597,15 @@ def curvature_operator(
         linear_fn=linear_fn,
         target=data["target"],
         loss_grads=loss_grads,
-        params=params if relinearize else None,
-        inputs=data["input"] if relinearize else None,
+        params=params,
+        inputs=data["input"],
         curvature=curvature,
         vmap_over_data=vmap_over_data,
         loss_hessian_mv=hessian_mv,
         params_struct=params_struct,
         num_microbatches=num_microbatches,
-        model_fn=model_fn if relinearize else None,
+        model_fn=model_fn,
+        relinearize=relinearize,
         loss_fn=loss_fn,
         axis_name=axis_name,
     )

@@ -11,7 +11,6 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._cg import cg
 from ._checks import check_like
 from ._diagnostics import is_definite, step_diagnostics, warn_if
 from ._losses import LossFn, resolve_loss
@@ -24,7 +23,13 @@ from ._operator import (
     objective_value,
 )
 from ._partition import as_model_fn
-from ._step_control import levenberg_marquardt, quadratic_model
+from ._solvers import SOLVER_CODES, SOLVERS, resolve_solver, solve_with
+from ._step_control import (
+    LINE_SEARCHES,
+    grid_line_search,
+    levenberg_marquardt,
+    quadratic_model,
+)
 from ._tree import tree_all_finite, tree_where
 
 
@@ -37,9 +42,13 @@ class ScaleByGaussNewtonState(NamedTuple):
       from.
     - `loss`: the objective at the last linearization point (float32).
     - `cg_iterations`, `cg_residual`, `cg_stop_reason`: CG's step count, relative
-      residual and [`eqx_ggn.CGStop`][] in the last step.
+      residual and [`eqx_ggn.CGStop`][] in the last step. After an exact solve:
+      0 iterations, the solve's relative residual, and `CONVERGED`.
     - `reduction_ratio`: `(L(θ - d) - L(θ)) / q(-d)` with adaptive damping, else NaN.
     - `accepted`: whether the last step was taken (rejected steps return zeros).
+    - `solver`: which solver ran: 0 `"cg"`, 1 `"dense"`, 2 `"sample_space"` (what
+      `"auto"` chose); -1 before the first step.
+    - `step_size`: the step size the line search chose (1 without one).
     - `rejected_steps`: how many steps in a row were rejected (0 after an accepted
       one). A rejected step whose loss rose by no more than rounding (16 machine
       epsilons of `loss_scale`), as happens once the loss reaches its floating-point
@@ -75,6 +84,8 @@ class ScaleByGaussNewtonState(NamedTuple):
     cg_stop_reason: Int[Array, ""]
     reduction_ratio: Float[Array, ""]
     accepted: Bool[Array, ""]
+    solver: Int[Array, ""]
+    step_size: Float[Array, ""]
     rejected_steps: Int[Array, ""]
     loss_scale: Float[Array, ""]
     warned: Bool[Array, ""]
@@ -88,6 +99,8 @@ class _Config(eqx.Module, strict=True):
 
     loss_fn: LossFn
     curvature: str
+    solver: str
+    line_search: str | None
     adaptive_damping: bool
     warm_start: bool
     preconditioner: str | None
@@ -104,6 +117,20 @@ class _Config(eqx.Module, strict=True):
             raise ValueError(
                 f"Unknown curvature {self.curvature!r}; valid ones are "
                 f"{list(CURVATURES)}."
+            )
+        if self.solver not in SOLVERS:
+            raise ValueError(
+                f"Unknown solver {self.solver!r}; valid ones are {list(SOLVERS)}."
+            )
+        if self.solver == "sample_space" and self.curvature == "hessian":
+            raise ValueError(
+                "solver='sample_space' has no form for curvature='hessian' (the "
+                "Hessian is not a Gram matrix); use solver='dense' or solver='cg'."
+            )
+        if self.line_search not in LINE_SEARCHES:
+            raise ValueError(
+                f"Unknown line_search {self.line_search!r}; valid ones are "
+                f"{list(LINE_SEARCHES)}."
             )
         if self.preconditioner not in (None, "jacobi"):
             raise ValueError(
@@ -277,10 +304,70 @@ def _operator_for_step(
     return operator
 
 
+def _control_step(
+    config: _Config,
+    lm_constants: dict[str, Any],
+    model_fn: Callable,
+    params: PyTree,
+    batch: dict[str, Any],
+    op: CurvatureOperator,
+    direction: PyTree,
+    damping: Float[Array, ""],
+    finite: Bool[Array, ""],
+    loss_scale: Float[Array, ""],
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Step size, acceptance and next damping for the step `-d`.
+
+    Without adaptive damping or a line search the step is taken whole when finite.
+    Otherwise the loss is evaluated at `θ - α d`, for `α = 1` or on the line
+    search's grid, and the Levenberg-Marquardt rule (or, with a fixed damping, a
+    plain decrease test) decides. `failed` marks a rejection that is more than
+    rounding: the loss rose by over 16 machine epsilons of `loss_scale`.
+    """
+    one = jnp.asarray(1.0, jnp.float32)
+    nan = jnp.asarray(jnp.nan, jnp.float32)
+    if not config.adaptive_damping and config.line_search is None:
+        return one, finite, damping, nan, ~finite
+
+    def loss_at(alpha):
+        trial = jax.tree.map(
+            lambda p, d: p - alpha.astype(d.dtype) * d, params, direction
+        )
+        return objective_value(
+            model_fn,
+            trial,
+            batch,
+            config.loss_fn,
+            op.factor,
+            config.vmap_over_data,
+            config.num_microbatches,
+            config.axis_name,
+        )
+
+    if config.line_search == "grid":
+        step_size, new_loss = grid_line_search(loss_at)
+    else:
+        step_size, new_loss = one, loss_at(one)
+    new_loss = jnp.where(finite, new_loss, jnp.nan)  # rejects the step
+    eps = jnp.finfo(jnp.result_type(op.loss)).eps
+    if config.adaptive_damping:
+        scaled = jax.tree.map(lambda d: step_size.astype(d.dtype) * d, direction)
+        predicted = quadratic_model(op.grad, scaled, op.mv(scaled))
+        lm = levenberg_marquardt(damping, op.loss, new_loss, predicted, **lm_constants)
+        accepted, new_damping, rho = lm
+    else:
+        accepted, new_damping, rho = new_loss <= op.loss, damping, nan
+    failed = ~accepted & ~(new_loss - op.loss <= 16 * eps * loss_scale)
+    return step_size, accepted, new_damping, rho, failed
+
+
 def scale_by_gauss_newton(
     loss_fn: LossFn = "mse",
     *,
     curvature: Curvature = "ggn",
+    solver: str = "cg",
+    line_search: str | None = None,
+    max_matrix_bytes: int | None = None,
     damping: float = 1.0,
     adaptive_damping: bool = True,
     lower_threshold: float = 0.25,
@@ -435,6 +522,8 @@ def scale_by_gauss_newton(
     config = _Config(
         loss_fn=loss_fn,
         curvature=curvature,
+        solver=solver,
+        line_search=line_search,
         adaptive_damping=adaptive_damping,
         warm_start=warm_start,
         preconditioner=preconditioner,
@@ -481,6 +570,8 @@ def scale_by_gauss_newton(
             cg_stop_reason=jnp.asarray(-1, jnp.int32),
             reduction_ratio=jnp.asarray(jnp.nan, jnp.float32),
             accepted=jnp.asarray(True),
+            solver=jnp.asarray(-1, jnp.int32),
+            step_size=jnp.asarray(jnp.nan, jnp.float32),
             rejected_steps=jnp.zeros([], jnp.int32),
             loss_scale=jnp.zeros([], jnp.float32),
             warned=jnp.asarray(False),
@@ -522,12 +613,9 @@ def scale_by_gauss_newton(
         check_like("updates", updates, params, "params")
         state, state_finite = _reset_non_finite(state, init_fn(params))
         op = _operator_for_step(config, operator, model_fn, params, batch, factor)
-        lam = state.damping if config.adaptive_damping else damping
-        lam = jnp.asarray(lam, jnp.float32)
-
-        def damped_mv(v):
-            return jax.tree.map(lambda cv, x: cv + lam.astype(x.dtype) * x, op.mv(v), v)
-
+        # A fixed damping keeps its own precision (float64 under x64) for the solve.
+        lam = state.damping if config.adaptive_damping else jnp.asarray(damping)
+        solver_name = resolve_solver(config.solver, op, max_matrix_bytes)
         diagonal, precond = state.diagonal, None
         if config.preconditioner == "jacobi":
             diagonal, precond = _jacobi_preconditioner(
@@ -536,12 +624,14 @@ def scale_by_gauss_newton(
         x0 = None
         if config.warm_start:
             x0 = jax.tree.map(lambda s: warm_start_decay * s, state.solution)
-        result = cg(
-            damped_mv,
+        result = solve_with(
+            solver_name,
+            op,
             updates,
-            x0,
-            tol=cg_tol,
-            maxiter=cg_maxiter,
+            lam,
+            cg_maxiter,
+            cg_tol,
+            x0=x0,
             preconditioner=precond,
             progress_tol=cg_progress_tol,
         )
@@ -556,32 +646,20 @@ def scale_by_gauss_newton(
             direction = _raise_if_not_finite(
                 direction, state_finite, lam, batch, op, updates
             )
-
-        if config.adaptive_damping:
-            trial = jax.tree.map(jnp.subtract, params, direction)
-            new_loss = objective_value(
-                model_fn,
-                trial,
-                batch,
-                config.loss_fn,
-                op.factor,
-                config.vmap_over_data,
-                config.num_microbatches,
-                config.axis_name,
-            )
-            predicted = quadratic_model(op.grad, direction, op.mv(direction))
-            new_loss = jnp.where(finite, new_loss, jnp.nan)  # rejects the step
-            lm = levenberg_marquardt(lam, op.loss, new_loss, predicted, **lm_constants)
-            accepted, new_damping, rho = lm
-            loss_scale = jnp.maximum(state.loss_scale, jnp.abs(op.loss))
-            eps = jnp.finfo(jnp.result_type(op.loss)).eps
-            failed = ~accepted & ~(new_loss - op.loss <= 16 * eps * loss_scale)
-        else:
-            rho = jnp.asarray(jnp.nan, jnp.float32)
-            accepted, failed = finite, ~finite
-            new_damping = lam
-            loss_scale = jnp.maximum(state.loss_scale, jnp.abs(op.loss))
-
+        loss_scale = jnp.maximum(state.loss_scale, jnp.abs(op.loss))
+        step_size, accepted, new_damping, rho, failed = _control_step(
+            config,
+            lm_constants,
+            model_fn,
+            params,
+            batch,
+            op,
+            direction,
+            lam,
+            finite,
+            loss_scale,
+        )
+        direction = jax.tree.map(lambda d: (step_size * d).astype(d.dtype), direction)
         rejected_steps = jnp.where(failed, state.rejected_steps + 1, 0)
         warned = state.warned
         if config.warn:
@@ -629,6 +707,8 @@ def scale_by_gauss_newton(
             cg_stop_reason=jnp.asarray(result.stop_reason, jnp.int32),
             reduction_ratio=rho,
             accepted=jnp.asarray(accepted),
+            solver=jnp.asarray(SOLVER_CODES[solver_name], jnp.int32),
+            step_size=jnp.asarray(step_size, jnp.float32),
             rejected_steps=rejected_steps.astype(jnp.int32),
             loss_scale=jnp.nan_to_num(loss_scale).astype(jnp.float32),
             warned=jnp.asarray(warned),

@@ -1,11 +1,14 @@
-"""Step control for a solved direction: the Levenberg-Marquardt rule.
+"""Step control for a solved direction: the Levenberg-Marquardt rule and a line
+search.
 
 Each rule is a plain function of arrays, so it can be read and tested alone; the
 optimizer only wires them together.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PyTree
 
@@ -74,3 +77,32 @@ def levenberg_marquardt(
     new = jnp.where(accepted, adapted, damping * damping_increase)
     new = jnp.clip(new, min_damping, max_damping).astype(jnp.float32)
     return LevenbergMarquardt(accepted, new, rho)
+
+
+LINE_SEARCHES = (None, "grid")
+# ENGD's grid (Müller & Zeinhofer 2023): step sizes 1, 1/2, 1/4, ..., 2^-15.
+GRID_STEP_SIZES = tuple(0.5**k for k in range(16))
+
+
+def grid_line_search(
+    objective: Callable[[Float[Array, ""]], Float[Array, ""]],
+    step_sizes: tuple[float, ...] = GRID_STEP_SIZES,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """The step size on a grid that minimizes `objective`, all evaluated at once.
+
+    **Arguments:**
+
+    - `objective`: `alpha -> L(θ - alpha d)`; it is `vmap`ped over the grid, so
+        every trial point is one batched forward pass.
+    - `step_sizes`: the grid, by default `2^-k` for `k = 0, ..., 15`.
+
+    **Returns:**
+
+    `(step_size, loss)`: the best step size and its loss. Non-finite losses never
+    win; if every one is non-finite, the loss is `inf`.
+    """
+    sizes = jnp.asarray(step_sizes, jnp.float32)
+    values = jax.vmap(objective)(sizes)
+    values = jnp.where(jnp.isfinite(values), values, jnp.inf)
+    best = jnp.argmin(values)
+    return sizes[best], values[best]
