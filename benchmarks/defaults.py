@@ -96,9 +96,9 @@ def main():
         f" | {jax.devices()[0].device_kind} | jax {jax.__version__} | float32"
     )
     data = problems()
-    print(
-        "\n| problem | fixed damping (ms/step) | Levenberg-Marquardt (ms/step) | ratio |"
-    )
+    print("\n| problem | fixed damping (ms/step) ", end="")
+    print("| Levenberg-Marquardt (ms/step)", end="")
+    print(" | ratio |")
     print("|---|---|---|---|")
     for name, (model, x, y) in data.items():
         batch = {"input": x, "target": y}

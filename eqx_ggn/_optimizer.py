@@ -101,6 +101,7 @@ class _Config(eqx.Module, strict=True):
     curvature: str
     solver: str
     line_search: str | None
+    relative_damping: bool
     adaptive_damping: bool
     warm_start: bool
     preconditioner: str | None
@@ -369,6 +370,7 @@ def scale_by_gauss_newton(
     line_search: str | None = None,
     max_matrix_bytes: int | None = None,
     damping: float = 1.0,
+    relative_damping: bool = False,
     adaptive_damping: bool = True,
     lower_threshold: float = 0.25,
     upper_threshold: float = 0.75,
@@ -393,14 +395,15 @@ def scale_by_gauss_newton(
     warn_after: int = 5,
     axis_name: AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Precondition the gradient with a damped curvature matrix, solved by CG.
+    r"""Precondition the gradient with a damped curvature matrix (CG or exact).
 
     Given the incoming updates `g` (the gradient of the package's objective
     `factor * sum_i loss_i`, by default the batch mean; see
     [`eqx_ggn.value_and_grad`][]), `update` linearizes the model once on `batch`,
-    solves `(C + damping * I) d = g` matrix-free with [`eqx_ggn.cg`][] and returns
-    `d`. The sign is kept, as in `optax.scale_by_adam`: follow with
-    `optax.scale_by_learning_rate`, or use [`eqx_ggn.gauss_newton`][].
+    solves `(C + damping * I) d = g` (matrix-free with [`eqx_ggn.cg`][] by
+    default, or exactly, see `solver`) and returns `d`. The sign is kept, as in
+    `optax.scale_by_adam`: follow with `optax.scale_by_learning_rate`, or use
+    [`eqx_ggn.gauss_newton`][].
 
     **Safe by default:** the Levenberg-Marquardt rule (`adaptive_damping=True`,
     starting from `damping=1`) evaluates the loss at `θ - d` and rejects any step
@@ -431,7 +434,33 @@ def scale_by_gauss_newton(
         callable `loss(pred, target) -> scalar` for one sample. Cross-entropy losses
         take **logits**, not probabilities.
     - `curvature`: `"ggn"` | `"fisher"` | `"empirical_fisher"` | `"hessian"`.
+    - `solver`: how `(C + λ I) d = g` is solved.
+        - `"cg"` (default): matrix-free conjugate gradient, `cg_maxiter` products.
+        - `"dense"`: materialize `C` (`P x P`) from per-sample Jacobians and
+          factor it (Cholesky; `curvature="hessian"` builds it from `P` products).
+        - `"sample_space"`: materialize the `(N O) x (N O)` kernel `A A^T` of
+          `C = A^T A`, solve there and map back (the push-through identity); for
+          the GGN/Fisher of every loss (through a square root of its Hessian) and
+          the empirical Fisher (the Gram matrix of per-sample gradients), not the
+          Hessian.
+        - `"auto"`: the cheaper exact solve whose matrices fit
+          `max_matrix_bytes` (default 1 GiB), else `"cg"`.
+
+        Exact solves run in at least float32 and fall back to an
+        eigendecomposition with a truncated pseudo-inverse if the Cholesky
+        factorization fails (e.g. `λ = 0` on a singular matrix). See "Choosing a
+        solver" in the docs.
+    - `line_search`: `None` or `"grid"`: evaluate the loss at `θ - α d` for
+        `α = 2^-k`, `k = 0..15`, in one batched forward pass (ENGD's grid) and
+        take the best; `state.step_size` records `α`. With `adaptive_damping` the
+        Levenberg-Marquardt rule then judges the chosen step.
+    - `max_matrix_bytes`: the memory limit of `solver="auto"`, in bytes.
     - `damping`: the (initial) Tikhonov damping `λ`.
+    - `relative_damping`: solve with `λ * L(θ)` instead of `λ`: the damping
+        shrinks with the loss (the Levenberg-Marquardt variant `μ ||F||^2` of Fan
+        and Yuan, 2005, which keeps fast local convergence on problems whose
+        solutions are not isolated, such as over-parameterized least squares);
+        `adaptive_damping` then adapts the factor `λ`, and `state.damping` holds it.
     - `adaptive_damping`: the Levenberg-Marquardt rule. After
         the solve, one more forward pass gives the reduction ratio
         `rho = (L(θ - d) - L(θ)) / q(-d)`, `q(s) = ∇L^T s + s^T C s / 2`, on the same
@@ -524,6 +553,7 @@ def scale_by_gauss_newton(
         curvature=curvature,
         solver=solver,
         line_search=line_search,
+        relative_damping=relative_damping,
         adaptive_damping=adaptive_damping,
         warm_start=warm_start,
         preconditioner=preconditioner,
@@ -615,11 +645,13 @@ def scale_by_gauss_newton(
         op = _operator_for_step(config, operator, model_fn, params, batch, factor)
         # A fixed damping keeps its own precision (float64 under x64) for the solve.
         lam = state.damping if config.adaptive_damping else jnp.asarray(damping)
+        # The damping the system is solved with: λ, or λ times the loss.
+        solve_lam = lam * op.loss if config.relative_damping else lam
         solver_name = resolve_solver(config.solver, op, max_matrix_bytes)
         diagonal, precond = state.diagonal, None
         if config.preconditioner == "jacobi":
             diagonal, precond = _jacobi_preconditioner(
-                op, state.diagonal, state.count, diagonal_decay, lam
+                op, state.diagonal, state.count, diagonal_decay, solve_lam
             )
         x0 = None
         if config.warm_start:
@@ -628,7 +660,7 @@ def scale_by_gauss_newton(
             solver_name,
             op,
             updates,
-            lam,
+            solve_lam,
             cg_maxiter,
             cg_tol,
             x0=x0,
@@ -640,11 +672,11 @@ def scale_by_gauss_newton(
             tree_all_finite(direction)
             & tree_all_finite(updates)
             & jnp.isfinite(op.loss)
-            & jnp.isfinite(lam)
+            & jnp.isfinite(solve_lam)
         )
         if config.throw:
             direction = _raise_if_not_finite(
-                direction, state_finite, lam, batch, op, updates
+                direction, state_finite, solve_lam, batch, op, updates
             )
         loss_scale = jnp.maximum(state.loss_scale, jnp.abs(op.loss))
         step_size, accepted, new_damping, rho, failed = _control_step(

@@ -122,23 +122,36 @@ def curvature_factor(
 
 
 def _solve_spd(
-    matrix: Float[Array, "n n"], damping: Float[Array, ""], rhs: Float[Array, "n k"]
+    matrix: Float[Array, "n n"],
+    damping: Float[Array, ""],
+    rhs: Float[Array, "n k"],
+    pseudo_inverse_below_floor: bool = False,
 ) -> Float[Array, "n k"]:
     """`(matrix + damping I)^{-1} rhs` by Cholesky, falling back to a truncated
-    eigendecomposition when the factorization fails or gives non-finite values."""
+    eigendecomposition when the factorization fails or gives non-finite values.
+
+    A damping below the Cholesky's rounding level `n * eps * max(diag)` is raised to
+    it. With `pseudo_inverse_below_floor`, such a damping takes the truncated
+    eigendecomposition instead: the minimum-norm solution, whose null-space part
+    the raised damping would amplify from rounding.
+    """
     n = matrix.shape[0]
-    shifted = matrix + damping * jnp.eye(n, dtype=matrix.dtype)
+    floor = n * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.diagonal(matrix))
+    shifted = matrix + jnp.maximum(damping, floor) * jnp.eye(n, dtype=matrix.dtype)
     chol = jnp.linalg.cholesky(shifted)
     solved = jax.scipy.linalg.cho_solve((chol, True), rhs)
 
-    def by_eigh(_):
-        sigma, vecs = jnp.linalg.eigh(shifted)
+    def by_eigh(operands):
+        matrix, rhs, _ = operands
+        sigma, vecs = jnp.linalg.eigh(matrix + damping * jnp.eye(n, dtype=matrix.dtype))
         cutoff = n * jnp.finfo(sigma.dtype).eps * jnp.max(jnp.abs(sigma))
         inverse = jnp.where(sigma > cutoff, 1 / jnp.where(sigma > cutoff, sigma, 1), 0)
-        return vecs @ (inverse[:, None] * (vecs.T @ rhs))
+        return vecs @ (inverse[:, None] * (rhs.T @ vecs).T)
 
-    ok = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(solved))
-    return jax.lax.cond(ok, lambda _: solved, by_eigh, None)
+    ok = jnp.all(jnp.isfinite(solved))  # a failed Cholesky leaves NaN in `solved`
+    if pseudo_inverse_below_floor:
+        ok &= damping >= floor
+    return jax.lax.cond(ok, lambda ops: ops[2], by_eigh, (matrix, rhs, solved))
 
 
 class SolveInputs(NamedTuple):
@@ -157,6 +170,12 @@ class SolveInputs(NamedTuple):
     num_microbatches: int
     axis_name: Any
     hessian: Callable | None  # () -> dense Hessian, for curvature="hessian"
+
+
+def _num_rows(s: "SolveInputs") -> int:
+    """Rows of `A`: samples times outputs (one per sample for the empirical Fisher)."""
+    per_sample = 1 if s.curvature == "empirical_fisher" else s.predictions[0].size
+    return s.predictions.shape[0] * per_sample
 
 
 def _compute_dtype(params: PyTree) -> Any:
@@ -203,6 +222,10 @@ def solve_dense(s: SolveInputs, rhs: PyTree, damping: Array) -> CGResult:
     out_dtype = flat_rhs.dtype
     flat_rhs = flat_rhs.astype(dtype)
     p = flat_rhs.size
+    # With fewer rows in A than parameters, A^T A is singular by construction.
+    singular = s.curvature != "hessian" and (
+        s.axis_name is not None or _num_rows(s) < p
+    )
     if s.curvature == "hessian":
         matrix = s.hessian().astype(dtype)
     else:
@@ -224,7 +247,8 @@ def solve_dense(s: SolveInputs, rhs: PyTree, damping: Array) -> CGResult:
         if s.axis_name is not None:
             matrix = jax.lax.psum(matrix, s.axis_name)
     lam = jnp.asarray(damping, dtype)
-    d = _solve_spd(matrix, lam, flat_rhs[:, None])[:, 0]
+    d = _solve_spd(matrix, lam, flat_rhs[:, None], pseudo_inverse_below_floor=singular)
+    d = d[:, 0]
     residual = _relative_residual(matrix @ d, d, lam, flat_rhs)
     return _result(unravel(d.astype(out_dtype)), residual)
 
@@ -261,17 +285,19 @@ def solve_sample_space(s: SolveInputs, rhs: PyTree, damping: Array) -> CGResult:
     kernel = a @ a.T
     lam = jnp.asarray(damping, dtype)
     delta = flat_rhs - ravel_pytree(s.grad)[0].astype(dtype)
-    solved = _solve_spd(kernel, lam, jnp.stack([w, a @ delta], axis=1))
+    # With more rows than parameters, A A^T is singular by construction.
+    singular = a.shape[0] > a.shape[1]
+    solved = _solve_spd(kernel, lam, jnp.stack([w, a @ delta], axis=1), singular)
     y, z = solved[:, 0], solved[:, 1]
     positive = lam > 0
     safe = jnp.where(positive, lam, 1)
 
     def min_norm(_):
-        return y + _solve_spd(kernel, lam, z[:, None])[:, 0]
+        return y + _solve_spd(kernel, lam, z[:, None], singular)[:, 0]
 
     coefficients = jax.lax.cond(positive, lambda _: y - z / safe, min_norm, None)
-    d = a.T @ coefficients + jnp.where(positive, delta / safe, 0)
-    residual = _relative_residual(a.T @ (a @ d), d, lam, flat_rhs)
+    d = coefficients @ a + jnp.where(positive, delta / safe, 0)
+    residual = _relative_residual((a @ d) @ a, d, lam, flat_rhs)
     return _result(unravel(d.astype(out_dtype)), residual)
 
 

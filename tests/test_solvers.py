@@ -65,24 +65,19 @@ def test_exact_solvers_equal_the_dense_damped_solve(kind, loss_fn):
 
 
 def test_zero_damping_on_a_rank_deficient_kernel_is_minimum_norm():
-    # 3 samples x 2 outputs < P: C is singular. With λ = 0 both solvers give the
-    # minimum-norm solution pinv(C) g, never NaN.
-    model, data = make_problem("regression", batch=3)
-    op = eqx_ggn.curvature_operator(model=model, data=data, loss_fn="mse")
-    flat = ravel_pytree(op.grad)[0]
-    expected = jnp.linalg.pinv(op.as_matrix(), hermitian=True) @ flat
-    for solver in ("dense", "sample_space"):
-        step = ravel_pytree(op.solve(op.grad, 0.0, solver=solver))[0]
-        assert jnp.all(jnp.isfinite(step))
-        assert_rel_close(step, expected, tol=1e-8)
-    # A duplicated sample makes the sample-space kernel itself singular.
+    # A linear model on 3 samples x 2 outputs < P = 18: C is singular. With λ = 0
+    # both solvers give the minimum-norm solution pinv(C) g, never NaN. A
+    # duplicated sample makes the sample-space kernel itself singular too.
+    model_fn, params, data = _linear_problem(n=3, d=8, k=2)
     twice = jax.tree.map(lambda x: jnp.concatenate([x, x[:1]]), data)
-    op = eqx_ggn.curvature_operator(model=model, data=twice, loss_fn="mse")
-    step = ravel_pytree(op.solve(op.grad, 0.0, solver="sample_space"))[0]
-    expected = (
-        jnp.linalg.pinv(op.as_matrix(), hermitian=True) @ ravel_pytree(op.grad)[0]
-    )
-    assert_rel_close(step, expected, tol=1e-7)
+    for batch in (data, twice):
+        op = eqx_ggn.curvature_operator(model_fn, params, batch, "mse")
+        pinv = jnp.linalg.pinv(op.as_matrix(), hermitian=True)
+        expected = pinv @ ravel_pytree(op.grad)[0]
+        for solver in ("dense", "sample_space"):
+            step = ravel_pytree(op.solve(op.grad, 0.0, solver=solver))[0]
+            assert jnp.all(jnp.isfinite(step))
+            assert_rel_close(step, expected, tol=1e-10)
 
 
 def _linear_problem(n=40, d=5, k=3):
