@@ -54,8 +54,9 @@ def _solves(model, data, loss_fn, curvature, num_microbatches, lam):
 )
 def test_exact_solvers_equal_the_dense_damped_solve(kind, loss_fn):
     # batch 4: N*O < P (the kernel is smaller); batch 24 in 3 micro-batches: N*O > P.
+    curvatures = ["ggn", "empirical_fisher"] if loss_fn == "mse" else ["ggn"]
     for (batch, microbatches), curvature in itertools.product(
-        [(4, 1), (24, 3)], ["ggn", "empirical_fisher"]
+        [(4, 1), (24, 3)], curvatures
     ):
         model, data = make_problem(kind, batch=batch)
         out = _solves(model, data, loss_fn, curvature, microbatches, 1e-3)
@@ -70,12 +71,17 @@ def test_zero_damping_on_a_rank_deficient_kernel_is_minimum_norm():
     # duplicated sample makes the sample-space kernel itself singular too.
     model_fn, params, data = _linear_problem(n=3, d=8, k=2)
     twice = jax.tree.map(lambda x: jnp.concatenate([x, x[:1]]), data)
-    for batch in (data, twice):
+
+    @jax.jit
+    def steps(batch):
         op = eqx_ggn.curvature_operator(model_fn, params, batch, "mse")
         pinv = jnp.linalg.pinv(op.as_matrix(), hermitian=True)
-        expected = pinv @ ravel_pytree(op.grad)[0]
-        for solver in ("dense", "sample_space"):
-            step = ravel_pytree(op.solve(op.grad, 0.0, solver=solver))[0]
+        solves = [op.solve(op.grad, 0.0, solver=s) for s in ("dense", "sample_space")]
+        return pinv @ ravel_pytree(op.grad)[0], [ravel_pytree(d)[0] for d in solves]
+
+    for batch in (data, twice):
+        expected, solves = steps(batch)
+        for step in solves:
             assert jnp.all(jnp.isfinite(step))
             assert_rel_close(step, expected, tol=1e-10)
 
@@ -219,7 +225,7 @@ def test_frozen_part_and_low_precision_params():
         opt = eqx_ggn.scale_by_gauss_newton(
             "cross_entropy", solver=solver, damping=0.1, adaptive_damping=False
         )
-        updates, _ = opt.update(
+        updates, _ = eqx.filter_jit(opt.update)(
             op.grad, opt.init(params), params, model=model, batch=data
         )
         assert_rel_close(ravel_pytree(updates)[0], expected, tol=1e-10)
@@ -233,7 +239,7 @@ def test_frozen_part_and_low_precision_params():
         opt = eqx_ggn.scale_by_gauss_newton(
             "cross_entropy", solver=solver, damping=0.1, adaptive_damping=False
         )
-        updates, _ = opt.update(
+        updates, _ = eqx.filter_jit(opt.update)(
             grads, opt.init(low), low, model_fn=model_fn, batch=data32
         )
         assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
