@@ -43,7 +43,6 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 import optimistix as optx
 
 
@@ -120,20 +119,6 @@ def poisson_problem(key=0):
 PROBLEMS = {"poisson": poisson_problem, "heat": heat_problem}
 
 
-def eqx_ggn_step(opt, model_fn, batch):
-    def step(carry):
-        p, state = carry
-        (_, grads), op = eqx_ggn.value_and_grad(
-            model_fn, p, batch, "mse", return_operator=True
-        )
-        updates, state = opt.update(
-            grads, state, p, model_fn=model_fn, batch=batch, operator=op
-        )
-        return optax.apply_updates(p, updates), state
-
-    return step
-
-
 def methods(model_fn, batch):
     """`{name: (step, init)}`; each `step` maps a carry to the next one."""
     import somax  # benchmark-only comparison (the `benchmarks` extra)
@@ -145,13 +130,21 @@ def methods(model_fn, batch):
 
     out = {}
     for solver in ("sample_space", "dense"):
-        opt = eqx_ggn.gauss_newton(1.0, loss_fn="mse", solver=solver)
+        opt = pinn.exact_optimizer(solver)
         out[f'eqx_ggn solver="{solver}"'] = (
-            eqx_ggn_step(opt, model_fn, batch),
+            pinn.gauss_newton_step(opt, model_fn, batch),
             opt.init,
         )
+    lm = eqx_ggn.gauss_newton(1.0, loss_fn="mse", solver="sample_space")
+    out['eqx_ggn solver="sample_space", LM defaults'] = (
+        pinn.gauss_newton_step(lm, model_fn, batch),
+        lm.init,
+    )
     cg_opt = pinn.gauss_newton_optimizer()
-    out['eqx_ggn solver="cg"'] = (eqx_ggn_step(cg_opt, model_fn, batch), cg_opt.init)
+    out['eqx_ggn solver="cg"'] = (
+        pinn.gauss_newton_step(cg_opt, model_fn, batch),
+        cg_opt.init,
+    )
 
     somax_batch = {"x": x, "y": jnp.zeros(x.shape[0])}
     for name in ("egn_mse", "sgn_mse"):

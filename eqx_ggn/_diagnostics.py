@@ -143,8 +143,9 @@ def _message(
             "loss_fn may not match the model's output (e.g. probabilities given to "
             "a logits loss)",
             "the incoming gradient may not be that of the package's objective",
-            "the learning rate or the curvature may not suit the problem; try a "
-            "larger damping",
+            "the starting damping may be too small for this problem (each "
+            "rejection multiplies it by damping_increase; a larger `damping` skips "
+            "these steps), or the learning rate may not suit it",
         ]
     return (
         "eqx_ggn.scale_by_gauss_newton: "

@@ -362,6 +362,87 @@ def _control_step(
     return step_size, accepted, new_damping, rho, failed
 
 
+def _model_fn_for_step(
+    params: PyTree | None,
+    batch: dict[str, Any] | None,
+    model_fn: Callable | None,
+    model: eqx.Module | None,
+) -> Callable:
+    """Check `update`'s arguments and return the `model_fn` to linearize."""
+    if params is None:
+        raise ValueError(
+            "scale_by_gauss_newton needs the current params: call "
+            "update(updates, state, params, model_fn=..., batch=...)."
+        )
+    if batch is None:
+        raise ValueError(
+            "scale_by_gauss_newton needs the batch: call update(updates, state, "
+            "params, model_fn=..., batch={'input': X, 'target': Y})."
+        )
+    if model_fn is None and model is None:
+        raise ValueError(
+            "scale_by_gauss_newton needs the model: pass model_fn=... "
+            "(model_fn(input=, params=)) or, for an Equinox module, model=... "
+            "to update()."
+        )
+    # With `model=`, the `params` take precedence over its leaves.
+    return as_model_fn(model) if model_fn is None else model_fn
+
+
+def _warn_on_failures(
+    config: _Config,
+    op: CurvatureOperator,
+    updates: PyTree,
+    batch: dict[str, Any],
+    warned: Bool[Array, ""],
+    failed: Bool[Array, ""],
+    rejected_steps: Int[Array, ""],
+    limits: tuple[Any, Any, Array, Array],
+) -> Bool[Array, ""]:
+    """Emit a `GaussNewtonWarning` when due; return the updated `warned` flag.
+
+    Due after `warn_after` failed steps in a row, on the first one when a definite
+    cause is seen, or when the damping first reaches `max_damping`; at most once
+    per run of failed steps.
+    """
+    warn_after, max_damping, damping, new_damping = limits
+    diagnostics = step_diagnostics(
+        config.loss_fn, op.predictions, op.grad, updates, batch, op.axis_name
+    )
+    due = (rejected_steps == warn_after) | (
+        (rejected_steps == 1) & is_definite(diagnostics)
+    )
+    if config.adaptive_damping:
+        due |= (new_damping >= max_damping) & (damping < max_damping) & failed
+    due &= ~warned
+    warn_if(due, config.loss_fn, max_damping, rejected_steps, new_damping, diagnostics)
+    return (warned | due) & failed
+
+
+def _buffers(
+    config: _Config,
+    state: ScaleByGaussNewtonState,
+    direction: PyTree,
+    accepted: Bool[Array, ""],
+    momentum: Any,
+) -> tuple[PyTree, PyTree | None, PyTree | None]:
+    """The step (with momentum) and the momentum and warm-start buffers, which
+    keep their last values on a rejected step."""
+    step, buffer, solution = direction, state.momentum, state.solution
+    if momentum is not None:
+        buffer = tree_where(
+            accepted,
+            jax.tree.map(
+                lambda m, d: (momentum * m + d).astype(m.dtype), buffer, direction
+            ),
+            buffer,
+        )
+        step = buffer
+    if config.warm_start:
+        solution = tree_where(accepted, direction, solution)
+    return step, buffer, solution
+
+
 def scale_by_gauss_newton(
     loss_fn: LossFn = "mse",
     *,
@@ -434,33 +515,21 @@ def scale_by_gauss_newton(
         callable `loss(pred, target) -> scalar` for one sample. Cross-entropy losses
         take **logits**, not probabilities.
     - `curvature`: `"ggn"` | `"fisher"` | `"empirical_fisher"` | `"hessian"`.
-    - `solver`: how `(C + λ I) d = g` is solved.
-        - `"cg"` (default): matrix-free conjugate gradient, `cg_maxiter` products.
-        - `"dense"`: materialize `C` (`P x P`) from per-sample Jacobians and
-          factor it (Cholesky; `curvature="hessian"` builds it from `P` products).
-        - `"sample_space"`: materialize the `(N O) x (N O)` kernel `A A^T` of
-          `C = A^T A`, solve there and map back (the push-through identity); for
-          the GGN/Fisher of every loss (through a square root of its Hessian) and
-          the empirical Fisher (the Gram matrix of per-sample gradients), not the
-          Hessian.
-        - `"auto"`: the cheaper exact solve whose matrices fit
-          `max_matrix_bytes` (default 1 GiB), else `"cg"`.
-
-        Exact solves run in at least float32 and fall back to an
-        eigendecomposition with a truncated pseudo-inverse if the Cholesky
-        factorization fails (e.g. `λ = 0` on a singular matrix). See "Choosing a
-        solver" in the docs.
+    - `solver`: how `(C + λ I) d = g` is solved: `"cg"` (default, matrix-free),
+        `"dense"` (the `P x P` matrix from per-sample Jacobians, Cholesky),
+        `"sample_space"` (the `(N O) x (N O)` kernel and the push-through
+        identity; GGN, Fisher and empirical Fisher) or `"auto"` (the cheaper exact
+        solve that fits `max_matrix_bytes`, 1 GiB by default, else CG). Exact
+        solves run in at least float32 and never return NaN for a singular
+        system. See "Choosing a solver" in the docs, with the recommended settings.
     - `line_search`: `None` or `"grid"`: evaluate the loss at `θ - α d` for
         `α = 2^-k`, `k = 0..15`, in one batched forward pass (ENGD's grid) and
         take the best; `state.step_size` records `α`. With `adaptive_damping` the
         Levenberg-Marquardt rule then judges the chosen step.
     - `max_matrix_bytes`: the memory limit of `solver="auto"`, in bytes.
     - `damping`: the (initial) Tikhonov damping `λ`.
-    - `relative_damping`: solve with `λ * L(θ)` instead of `λ`: the damping
-        shrinks with the loss (the Levenberg-Marquardt variant `μ ||F||^2` of Fan
-        and Yuan, 2005, which keeps fast local convergence on problems whose
-        solutions are not isolated, such as over-parameterized least squares);
-        `adaptive_damping` then adapts the factor `λ`, and `state.damping` holds it.
+    - `relative_damping`: solve with `λ * L(θ)` instead of `λ` (Fan and Yuan's
+        Levenberg-Marquardt variant `μ ||F||^2`); `state.damping` holds `λ`.
     - `adaptive_damping`: the Levenberg-Marquardt rule. After
         the solve, one more forward pass gives the reduction ratio
         `rho = (L(θ - d) - L(θ)) / q(-d)`, `q(s) = ∇L^T s + s^T C s / 2`, on the same
@@ -494,13 +563,11 @@ def scale_by_gauss_newton(
         in the optimizer state, the damping, the batch, the predictions, the loss,
         the incoming updates or CG's direction) raises an `eqx.error_if` runtime
         error naming the first cause, instead of returning zero updates.
-    - `warn`: emit a [`eqx_ggn.GaussNewtonWarning`][] (a `UserWarning`) once
-        `warn_after` steps in a row were rejected, on the first rejected step when
-        a definite cause is seen (labels out of range, a non-finite batch,
+    - `warn`, `warn_after`: emit one [`eqx_ggn.GaussNewtonWarning`][] (a
+        `UserWarning`) after `warn_after` rejected steps in a row, on the first one
+        with a definite cause (labels out of range, a non-finite batch,
         probabilities given to a logits loss), or when the damping reaches
-        `max_damping`. It names the likely causes, with the relative difference
-        between the incoming gradient and the objective's. The host is called only
-        when a warning is due.
+        `max_damping`, naming the causes it measured. The host is called only then.
     - `axis_name`: inside `jax.shard_map` (or `pmap`), the mapped axis that splits
         the batch over devices; see [`eqx_ggn.curvature_operator`][]. The loss,
         the gradient and every product are then summed over the shards, so every
@@ -622,24 +689,7 @@ def scale_by_gauss_newton(
         **extra_args: Any,
     ) -> tuple[PyTree, ScaleByGaussNewtonState]:
         del extra_args
-        if params is None:
-            raise ValueError(
-                "scale_by_gauss_newton needs the current params: call "
-                "update(updates, state, params, model_fn=..., batch=...)."
-            )
-        if batch is None:
-            raise ValueError(
-                "scale_by_gauss_newton needs the batch: call update(updates, state, "
-                "params, model_fn=..., batch={'input': X, 'target': Y})."
-            )
-        if model_fn is None and model is None:
-            raise ValueError(
-                "scale_by_gauss_newton needs the model: pass model_fn=... "
-                "(model_fn(input=, params=)) or, for an Equinox module, model=... "
-                "to update()."
-            )
-        if model_fn is None:
-            model_fn = as_model_fn(model)  # `params` take precedence over its leaves
+        model_fn = _model_fn_for_step(params, batch, model_fn, model)
         check_like("updates", updates, params, "params")
         state, state_finite = _reset_non_finite(state, init_fn(params))
         op = _operator_for_step(config, operator, model_fn, params, batch, factor)
@@ -695,41 +745,20 @@ def scale_by_gauss_newton(
         rejected_steps = jnp.where(failed, state.rejected_steps + 1, 0)
         warned = state.warned
         if config.warn:
-            diagnostics = step_diagnostics(
-                config.loss_fn, op.predictions, op.grad, updates, batch, op.axis_name
-            )
-            due = (rejected_steps == warn_after) | (
-                (rejected_steps == 1) & is_definite(diagnostics)
-            )
-            if config.adaptive_damping:
-                due |= (new_damping >= max_damping) & (lam < max_damping) & failed
-            due &= ~warned
-            warn_if(
-                due,
-                config.loss_fn,
-                max_damping,
+            warned = _warn_on_failures(
+                config,
+                op,
+                updates,
+                batch,
+                state.warned,
+                failed,
                 rejected_steps,
-                new_damping,
-                diagnostics,
+                (warn_after, max_damping, lam, new_damping),
             )
-            warned = (warned | due) & failed
 
-        step = direction
-        momentum_buffer = state.momentum
-        if use_momentum:
-            momentum_buffer = tree_where(
-                accepted,
-                jax.tree.map(
-                    lambda m, d: (momentum * m + d).astype(m.dtype),
-                    state.momentum,
-                    direction,
-                ),
-                state.momentum,
-            )
-            step = momentum_buffer
-        solution = state.solution
-        if config.warm_start:
-            solution = tree_where(accepted, direction, state.solution)
+        step, momentum_buffer, solution = _buffers(
+            config, state, direction, accepted, momentum if use_momentum else None
+        )
         new_state = ScaleByGaussNewtonState(
             count=state.count + 1,
             damping=jnp.asarray(new_damping, jnp.float32),

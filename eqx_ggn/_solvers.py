@@ -127,13 +127,14 @@ def _solve_spd(
     rhs: Float[Array, "n k"],
     pseudo_inverse_below_floor: bool = False,
 ) -> Float[Array, "n k"]:
-    """`(matrix + damping I)^{-1} rhs` by Cholesky, falling back to a truncated
-    eigendecomposition when the factorization fails or gives non-finite values.
+    """`(matrix + damping I)^{-1} rhs` by Cholesky, or by an eigendecomposition
+    with a truncated pseudo-inverse when the factorization fails.
 
-    A damping below the Cholesky's rounding level `n * eps * max(diag)` is raised to
-    it. With `pseudo_inverse_below_floor`, such a damping takes the truncated
-    eigendecomposition instead: the minimum-norm solution, whose null-space part
-    the raised damping would amplify from rounding.
+    A damping below the Cholesky's rounding level `n * eps * max(diag)` is raised
+    to it. With `pseudo_inverse_below_floor` (a matrix singular by construction),
+    such a damping takes the eigendecomposition instead, whose eigenvalues below
+    `n * eps * max|σ|` are dropped: the minimum-norm solution, without amplifying
+    rounding in the null space.
     """
     n = matrix.shape[0]
     floor = n * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.diagonal(matrix))
@@ -154,25 +155,7 @@ def _solve_spd(
     return jax.lax.cond(ok, lambda ops: ops[2], by_eigh, (matrix, rhs, solved))
 
 
-class SolveInputs(NamedTuple):
-    """What an exact solver needs besides the right-hand side and the damping."""
-
-    model_fn: Callable
-    params: PyTree
-    inputs: PyTree
-    predictions: Array
-    target: PyTree
-    loss_grads: Array | None
-    grad: PyTree
-    loss_fn: LossFn
-    curvature: str
-    factor: Array
-    num_microbatches: int
-    axis_name: Any
-    hessian: Callable | None  # () -> dense Hessian, for curvature="hessian"
-
-
-def _num_rows(s: "SolveInputs") -> int:
+def _num_rows(s: Any) -> int:
     """Rows of `A`: samples times outputs (one per sample for the empirical Fisher)."""
     per_sample = 1 if s.curvature == "empirical_fisher" else s.predictions[0].size
     return s.predictions.shape[0] * per_sample
@@ -182,7 +165,7 @@ def _compute_dtype(params: PyTree) -> Any:
     return jnp.result_type(jnp.float32, *jax.tree.leaves(params))
 
 
-def _factor_chunks(s: SolveInputs, dtype: Any) -> Callable[[Any], _Factor]:
+def _factor_chunks(s: Any, dtype: Any) -> Callable[[Any], _Factor]:
     def chunk_factor(chunk):
         inputs, pred, target, loss_grads = chunk
         return curvature_factor(
@@ -215,8 +198,9 @@ def _relative_residual(matrix_times_d, d, damping, rhs) -> Array:
     return jnp.linalg.norm(residual) / jnp.maximum(jnp.linalg.norm(rhs), 1e-300)
 
 
-def solve_dense(s: SolveInputs, rhs: PyTree, damping: Array) -> CGResult:
-    """`(C + λ I) d = rhs` with `C` materialized in parameter space (P x P)."""
+def solve_dense(s: Any, rhs: PyTree, damping: Array) -> CGResult:
+    """`(C + λ I) d = rhs` with `C` materialized in parameter space (P x P), for
+    a `CurvatureOperator` `s` (its Hessian from `P` products)."""
     dtype = _compute_dtype(s.params)
     flat_rhs, unravel = ravel_pytree(rhs)
     out_dtype = flat_rhs.dtype
@@ -227,7 +211,7 @@ def solve_dense(s: SolveInputs, rhs: PyTree, damping: Array) -> CGResult:
         s.axis_name is not None or _num_rows(s) < p
     )
     if s.curvature == "hessian":
-        matrix = s.hessian().astype(dtype)
+        matrix = s.as_matrix().astype(dtype)
     else:
         data = (s.inputs, s.predictions, s.target, s.loss_grads)
         chunk_factor = _factor_chunks(s, dtype)
@@ -253,7 +237,7 @@ def solve_dense(s: SolveInputs, rhs: PyTree, damping: Array) -> CGResult:
     return _result(unravel(d.astype(out_dtype)), residual)
 
 
-def solve_sample_space(s: SolveInputs, rhs: PyTree, damping: Array) -> CGResult:
+def solve_sample_space(s: Any, rhs: PyTree, damping: Array) -> CGResult:
     """`(C + λ I) d = rhs` through the (N O) x (N O) kernel `A A^T`.
 
     With `rhs = g + δ`, `g = A^T w` the objective's gradient: for `λ > 0`,
@@ -399,20 +383,5 @@ def solve_with(
             preconditioner=preconditioner,
             progress_tol=progress_tol,
         )
-    inputs = SolveInputs(
-        model_fn=op.model_fn,
-        params=op.params,
-        inputs=op.inputs,
-        predictions=op.predictions,
-        target=op.target,
-        loss_grads=op.loss_grads,
-        grad=op.grad,
-        loss_fn=op.loss_fn,
-        curvature=op.curvature,
-        factor=op.factor,
-        num_microbatches=op.num_microbatches,
-        axis_name=op.axis_name,
-        hessian=op.as_matrix,
-    )
     exact = solve_dense if solver == "dense" else solve_sample_space
-    return exact(inputs, rhs, damping)
+    return exact(op, rhs, damping)

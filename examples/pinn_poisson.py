@@ -152,6 +152,23 @@ def gauss_newton_optimizer():
     )
 
 
+def gauss_newton_step(opt, model_fn, batch):
+    """One eqx_ggn step on carry = (params, state): the loss's gradient and the
+    curvature from one linearization."""
+
+    def step(carry):
+        p, state = carry
+        (_, grads), op = eqx_ggn.value_and_grad(
+            model_fn, p, batch, "mse", return_operator=True
+        )
+        updates, state = opt.update(
+            grads, state, p, model_fn=model_fn, batch=batch, operator=op
+        )
+        return optax.apply_updates(p, updates), state
+
+    return step
+
+
 def optimizer_steps(model_fn, batch):
     """`{name: (step, init)}` for eqx_ggn, Adam and L-BFGS; carry = (params, state)."""
 
@@ -162,19 +179,6 @@ def optimizer_steps(model_fn, batch):
     exact, gn = exact_optimizer(), gauss_newton_optimizer()
     adam, lbfgs = optax.adam(1e-3), optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(objective)
-
-    def gauss_newton_step(opt):
-        def step(carry):
-            p, state = carry
-            (_, grads), op = eqx_ggn.value_and_grad(
-                model_fn, p, batch, "mse", return_operator=True
-            )
-            updates, state = opt.update(
-                grads, state, p, model_fn=model_fn, batch=batch, operator=op
-            )
-            return optax.apply_updates(p, updates), state
-
-        return step
 
     def adam_step(carry):
         p, state = carry
@@ -190,8 +194,11 @@ def optimizer_steps(model_fn, batch):
         return optax.apply_updates(p, updates), state
 
     return {
-        'eqx_ggn solver="sample_space"': (gauss_newton_step(exact), exact.init),
-        'eqx_ggn solver="cg"': (gauss_newton_step(gn), gn.init),
+        'eqx_ggn solver="sample_space"': (
+            gauss_newton_step(exact, model_fn, batch),
+            exact.init,
+        ),
+        'eqx_ggn solver="cg"': (gauss_newton_step(gn, model_fn, batch), gn.init),
         "optax.adam(1e-3)": (adam_step, adam.init),
         "optax.lbfgs()": (lbfgs_step, lbfgs.init),
     }

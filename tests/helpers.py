@@ -39,6 +39,19 @@ class TokenModel(eqx.Module):
         return jax.vmap(self.head)(h)
 
 
+def linear_problem(key=0, n=40, d=5, k=3):
+    """A linear least-squares problem: `model_fn`, zero `params`, and a batch."""
+    kx, kw, ky = jax.random.split(jax.random.key(key), 3)
+    x = jax.random.normal(kx, (n, d))
+    y = x @ jax.random.normal(kw, (d, k)) + 0.3 * jax.random.normal(ky, (n, k))
+    params = {"w": jnp.zeros((d, k)), "b": jnp.zeros(k)}
+
+    def model_fn(input, params):  # noqa: A002
+        return input @ params["w"] + params["b"]
+
+    return model_fn, params, {"input": x, "target": y}
+
+
 def make_problem(kind, key=0, batch=6):
     """An Equinox model (float64) and a batch for one test case.
 

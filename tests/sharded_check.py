@@ -25,6 +25,7 @@ SPECS = {
     "products": ((REP, SPLIT, REP), (REP, REP, REP, SPLIT)),
     "micro": ((REP, SPLIT, REP), (REP, SPLIT)),
     "step": ((REP, SPLIT), (REP, REP)),
+    "dense_step": ((REP, SPLIT), (REP, REP)),
     "monitor": ((REP, SPLIT), (REP, REP)),
 }
 
@@ -78,6 +79,17 @@ def programs(model_fn, axis_name=None):
         )
         return optax.apply_updates(params, updates), state[0].accepted
 
+    dense = eqx_ggn.gauss_newton(
+        1.0, loss_fn="cross_entropy", solver="dense", damping=1e-2, **mapped
+    )
+
+    def dense_step(params, batch):  # per-shard A^T A, one psum
+        grads = jax.grad(loss)(params, batch)
+        updates, state = dense.update(
+            grads, dense.init(params), params, model_fn=model_fn, batch=batch
+        )
+        return optax.apply_updates(params, updates), state[0].accepted
+
     monitor = eqx_ggn.CurvatureMonitor(
         loss_fn="cross_entropy", every=1, top_k=2, **mapped
     )
@@ -86,7 +98,13 @@ def programs(model_fn, axis_name=None):
         metrics = monitor(0, params, model_fn=model_fn, batch=batch)
         return metrics["lambda_max"], metrics["trace"]
 
-    return {"products": products, "micro": micro, "step": step, "monitor": monitored}
+    return {
+        "products": products,
+        "micro": micro,
+        "step": step,
+        "dense_step": dense_step,
+        "monitor": monitored,
+    }
 
 
 def run(fns, wrap, params, batch, v):
@@ -118,6 +136,8 @@ def compare(out, single, params):
         "micro_prediction_rows_per_device": rows_per_device(out["micro"][1]),
         "step": rel(taken(out["step"][0]), taken(single["step"][0])),
         "accepted": bool(out["step"][1]) and bool(single["step"][1]),
+        "dense_step": rel(taken(out["dense_step"][0]), taken(single["dense_step"][0])),
+        "dense_accepted": bool(out["dense_step"][1]) and bool(single["dense_step"][1]),
         "lambda_max": rel(out["monitor"][0], single["monitor"][0]),
         "trace": rel(out["monitor"][1], single["monitor"][1]),
     }

@@ -8,24 +8,12 @@ import jax.numpy as jnp
 import optax
 import optimistix as optx
 import pytest
-from helpers import assert_rel_close, to_f64
+from helpers import assert_rel_close, linear_problem, to_f64
 
 import eqx_ggn
 
 
 pytestmark = pytest.mark.usefixtures("x64")
-
-
-def _linear_problem(key=0, n=40, d=5, k=3):
-    kx, kw, ky = jax.random.split(jax.random.key(key), 3)
-    x = jax.random.normal(kx, (n, d))
-    y = x @ jax.random.normal(kw, (d, k)) + 0.3 * jax.random.normal(ky, (n, k))
-    params = {"w": jnp.zeros((d, k)), "b": jnp.zeros(k)}
-
-    def model_fn(input, params):  # noqa: A002
-        return input @ params["w"] + params["b"]
-
-    return model_fn, params, {"input": x, "target": y}
 
 
 def _mse_objective(model_fn, batch):
@@ -37,7 +25,7 @@ def _mse_objective(model_fn, batch):
 
 
 def test_one_step_solves_linear_least_squares():
-    model_fn, params, batch = _linear_problem()
+    model_fn, params, batch = linear_problem()
     opt = eqx_ggn.gauss_newton(
         1.0,
         loss_fn="mse",
@@ -108,7 +96,7 @@ def _flat_sq(tree):
 
 
 def test_adaptive_damping_rejects_a_loss_increase():
-    model_fn, params, batch = _linear_problem()
+    model_fn, params, batch = linear_problem()
     objective = _mse_objective(model_fn, batch)
     params = jax.tree.map(lambda p: p + 0.1, params)
     opt = eqx_ggn.scale_by_gauss_newton(
@@ -140,7 +128,7 @@ def test_adaptive_damping_rejects_a_loss_increase():
 
 
 def test_non_finite_batch_is_rejected_and_params_stay_finite():
-    model_fn, params, batch = _linear_problem()
+    model_fn, params, batch = linear_problem()
     bad = {**batch, "target": batch["target"].at[3, 1].set(jnp.nan)}
     for adaptive in (False, True):
         opt = eqx_ggn.gauss_newton(1.0, loss_fn="mse", adaptive_damping=adaptive)
@@ -283,7 +271,7 @@ def test_step_is_the_damped_solve(curvature, preconditioner):
 
 
 def test_warm_start_and_momentum():
-    model_fn, params, batch = _linear_problem()
+    model_fn, params, batch = linear_problem()
     grads = jax.grad(_mse_objective(model_fn, batch))(params)
     kwargs = {"loss_fn": "mse", "damping": 1e-3, "cg_tol": 1e-10, "cg_maxiter": 50}
     kwargs["adaptive_damping"] = False

@@ -41,6 +41,10 @@ def test_sharded_batch_matches_single_device():
     assert result["micro_predictions"] <= 1e-6, result
     assert result["accepted"] and result["step"] <= 1e-5, result
     assert result["shard_map_accepted"] and result["shard_map_step"] <= 1e-5, result
+    # solver="dense": per-shard A^T A and one psum, or XLA's own sums under jit.
+    for prefix in ("", "shard_map_"):
+        assert result[f"{prefix}dense_accepted"], result
+        assert result[f"{prefix}dense_step"] <= 1e-5, result
     # A NaN in one shard is a rejection on every device, parameters untouched.
     assert not result["shard_map_nan_accepted"], result
     assert result["shard_map_nan_params_unchanged"], result

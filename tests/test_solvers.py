@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_rel_close, log_cosh_loss, make_problem
+from helpers import assert_rel_close, linear_problem, log_cosh_loss, make_problem
 from jax.flatten_util import ravel_pytree
 
 import eqx_ggn
@@ -69,7 +69,7 @@ def test_zero_damping_on_a_rank_deficient_kernel_is_minimum_norm():
     # A linear model on 3 samples x 2 outputs < P = 18: C is singular. With λ = 0
     # both solvers give the minimum-norm solution pinv(C) g, never NaN. A
     # duplicated sample makes the sample-space kernel itself singular too.
-    model_fn, params, data = _linear_problem(n=3, d=8, k=2)
+    model_fn, params, data = linear_problem(n=3, d=8, k=2)
     twice = jax.tree.map(lambda x: jnp.concatenate([x, x[:1]]), data)
 
     @jax.jit
@@ -86,21 +86,9 @@ def test_zero_damping_on_a_rank_deficient_kernel_is_minimum_norm():
             assert_rel_close(step, expected, tol=1e-10)
 
 
-def _linear_problem(n=40, d=5, k=3):
-    kx, kw, ky = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (n, d))
-    y = x @ jax.random.normal(kw, (d, k)) + 0.3 * jax.random.normal(ky, (n, k))
-    params = {"w": jnp.zeros((d, k)), "b": jnp.zeros(k)}
-
-    def model_fn(input, params):  # noqa: A002
-        return input @ params["w"] + params["b"]
-
-    return model_fn, params, {"input": x, "target": y}
-
-
 @pytest.mark.parametrize("solver", ["dense", "sample_space"])
 def test_one_exact_step_solves_linear_least_squares(solver):
-    model_fn, params, batch = _linear_problem()
+    model_fn, params, batch = linear_problem()
     opt = eqx_ggn.gauss_newton(
         1.0, loss_fn="mse", solver=solver, damping=0.0, adaptive_damping=False
     )
@@ -248,7 +236,7 @@ def test_frozen_part_and_low_precision_params():
 
 
 def test_auto_picks_the_cheaper_exact_solver_that_fits():
-    model_fn, params, batch = _linear_problem()  # N*O = 120 rows, P = 18
+    model_fn, params, batch = linear_problem()  # N*O = 120 rows, P = 18
     _, grads = eqx_ggn.value_and_grad(model_fn, params, batch, "mse")
 
     def chosen(**kwargs):
@@ -277,9 +265,31 @@ def test_solver_errors():
         eqx_ggn.scale_by_gauss_newton("mse", solver="sample_space", curvature="hessian")
     with pytest.raises(ValueError, match=r"Unknown line_search 'wolfe'"):
         eqx_ggn.scale_by_gauss_newton("mse", line_search="wolfe")
-    model_fn, params, batch = _linear_problem()
+    model_fn, params, batch = linear_problem()
     op = eqx_ggn.curvature_operator(
         model_fn, params, batch, "mse", vmap_over_data=False
     )
     with pytest.raises(ValueError, match="vmap_over_data=True"):
         op.solve(op.grad, 1.0, solver="dense")
+    # An operator of another objective than the optimizer's.
+    (_, grads), op = eqx_ggn.value_and_grad(
+        model_fn, params, batch, "mse", curvature="hessian", return_operator=True
+    )
+    opt = eqx_ggn.scale_by_gauss_newton("mse")
+    with pytest.raises(ValueError, match=r"curvature='hessian'.*curvature='ggn'"):
+        opt.update(
+            grads, opt.init(params), params, model_fn=model_fn, batch=batch, operator=op
+        )
+
+
+@pytest.mark.parametrize("solver", ["dense", "sample_space"])
+def test_non_finite_batch_is_rejected_by_exact_solvers(solver):
+    model_fn, params, batch = linear_problem(n=6)
+    bad = {**batch, "target": batch["target"].at[2, 1].set(jnp.nan)}
+    opt = eqx_ggn.gauss_newton(1.0, loss_fn="mse", solver=solver, warn=False)
+    _, grads = eqx_ggn.value_and_grad(model_fn, params, bad, "mse")
+    updates, state = jax.jit(
+        lambda g, s: opt.update(g, s, params, model_fn=model_fn, batch=bad)
+    )(grads, opt.init(params))
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    assert not bool(state[0].accepted)
