@@ -14,7 +14,7 @@ import eqx_ggn
 
 pytestmark = pytest.mark.usefixtures("x64")
 SETTINGS = settings(
-    max_examples=8,
+    max_examples=6,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
