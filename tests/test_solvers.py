@@ -293,3 +293,46 @@ def test_non_finite_batch_is_rejected_by_exact_solvers(solver):
     )(grads, opt.init(params))
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     assert not bool(state[0].accepted)
+
+
+def test_relative_damping_and_cg_through_the_operator():
+    # relative_damping solves with λ * L(θ); op.solve(solver="cg") and "auto" give
+    # the same damped solve as the dense reference.
+    model, data = make_problem("regression", batch=5)
+    params, static = eqx_ggn.partition(model)
+    model_fn = eqx_ggn.as_model_fn(static)
+
+    @jax.jit
+    def run(params):
+        op = eqx_ggn.curvature_operator(model_fn, params, data, "mse")
+        flat = ravel_pytree(op.grad)[0]
+        matrix = op.as_matrix()
+
+        def reference(lam):
+            return jnp.linalg.solve(matrix + lam * jnp.eye(flat.size), flat)
+
+        opt = eqx_ggn.scale_by_gauss_newton(
+            "mse",
+            solver="dense",
+            damping=0.5,
+            relative_damping=True,
+            adaptive_damping=False,
+        )
+        step, _ = opt.update(
+            op.grad, opt.init(params), params, model_fn=model_fn, batch=data
+        )
+        by_operator = [
+            ravel_pytree(op.solve(op.grad, 0.1, solver=s, cg_maxiter=200))[0]
+            for s in ("cg", "auto")
+        ]
+        return (
+            ravel_pytree(step)[0],
+            reference(0.5 * op.loss),
+            by_operator,
+            reference(0.1),
+        )
+
+    step, expected, by_operator, expected_fixed = run(params)
+    assert_rel_close(step, expected, tol=1e-10)
+    for solved in by_operator:
+        assert_rel_close(solved, expected_fixed, tol=1e-8)
