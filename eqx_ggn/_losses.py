@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
@@ -146,6 +147,49 @@ def _custom_hessian_mv(loss: Callable) -> Callable:
         return jax.jvp(jax.grad(lambda p: loss(p, target)), (pred,), (jv,))[1]
 
     return hessian_mv
+
+
+def loss_hessian_root(
+    loss_fn: LossFn, pred: Array, target: Any, loss_grad: Array
+) -> tuple[Callable[[Array], Array], Array]:
+    """A square root of one sample's loss Hessian, for the exact solvers.
+
+    Returns the linear map `v -> S^T v`, with `S S^T` the loss Hessian in output
+    space (the matrices `_*_hessian_mv` above apply), and `u` with `S u = loss_grad`.
+    """
+    tiny = jnp.finfo(pred.dtype).tiny
+    if loss_fn == "mse":
+        root = jnp.sqrt(jnp.asarray(2, pred.dtype))
+        return (lambda v: root * v), loss_grad / root
+    if loss_fn == "none":
+        return (lambda v: v), loss_grad
+    if loss_fn == "binary_cross_entropy":
+        p = jax.nn.sigmoid(pred)
+        s = jnp.sqrt(p * (1 - p))
+        return (lambda v: s * v), jnp.where(s > tiny, loss_grad / (s + tiny), 0)
+    if loss_fn == "cross_entropy":
+        # H = diag(p) - p p^T = S S^T with S = diag(√p) - p √p^T (rows sum to 1),
+        # S^T v = √p v - √p (p·v); and S u = g for u = g / √p, since sum(g) = 0.
+        p = jax.nn.softmax(pred, axis=-1)
+        s = jnp.sqrt(p)
+
+        def sqrt_t(v):
+            return s * v - s * jnp.sum(p * v, axis=-1, keepdims=True)
+
+        return sqrt_t, jnp.where(s > tiny, loss_grad / (s + tiny), 0)
+    # A custom loss: its Hessian by autodiff, S = V sqrt(max(σ, 0)).
+    flat_pred, unravel = jax.flatten_util.ravel_pytree(pred)
+    hess = jax.hessian(lambda z: loss_fn(unravel(z), target))(flat_pred)
+    sigma, vecs = jnp.linalg.eigh(hess)
+    keep = sigma > sigma.shape[0] * jnp.finfo(sigma.dtype).eps * jnp.max(jnp.abs(sigma))
+    root = jnp.where(keep, jnp.sqrt(jnp.where(keep, sigma, 1)), 0)
+    flat_grad = jax.flatten_util.ravel_pytree(loss_grad)[0]
+    u = jnp.where(keep, (vecs.T @ flat_grad) / jnp.where(keep, root, 1), 0)
+
+    def sqrt_t_custom(v):
+        return root * (vecs.T @ jax.flatten_util.ravel_pytree(v)[0])
+
+    return sqrt_t_custom, u
 
 
 def resolve_loss(loss_fn: LossFn | None) -> tuple[Callable | None, Callable | None]:

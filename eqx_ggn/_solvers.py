@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
 from ._cg import CGResult, CGStop, cg
-from ._losses import LossFn
+from ._losses import LossFn, loss_hessian_root
 from ._operator import to_microbatches, vary_over_shards
 
 
@@ -36,55 +36,10 @@ DEFAULT_MAX_MATRIX_BYTES = 2**30
 
 
 class _Factor(NamedTuple):
-    """The curvature's factor: `C = a^T a`, gradient `g = a^T w` (when known)."""
+    """The curvature's factor `C = a^T a` and the gradient `g = a^T w`."""
 
     a: Float[Array, "rows P"]
-    w: Float[Array, " rows"] | None
-
-
-def _hessian_sqrt_t(
-    loss_fn: LossFn, curvature: str, pred: Array, target: Any, loss_grad: Array
-) -> tuple[Callable[[Array], Array], Array]:
-    """For one sample: the linear map `v -> S^T v` and `u` with `S u = ∇loss`.
-
-    `S S^T` is the loss Hessian in output space (for the empirical Fisher, `S` is
-    the gradient itself, one column, and `u = 1`).
-    """
-    tiny = jnp.finfo(pred.dtype).tiny
-    if curvature == "empirical_fisher":
-        return (lambda v: jnp.sum(loss_grad * v)[None]), jnp.ones(1, pred.dtype)
-    if loss_fn == "mse":
-        root = jnp.sqrt(jnp.asarray(2, pred.dtype))
-        return (lambda v: root * v), loss_grad / root
-    if loss_fn == "none":
-        return (lambda v: v), loss_grad
-    if loss_fn == "binary_cross_entropy":
-        p = jax.nn.sigmoid(pred)
-        s = jnp.sqrt(p * (1 - p))
-        return (lambda v: s * v), jnp.where(s > tiny, loss_grad / (s + tiny), 0)
-    if loss_fn == "cross_entropy":
-        # H = diag(p) - p p^T = S S^T with S = diag(√p) - p √p^T (rows sum to 1),
-        # S^T v = √p v - √p (p·v); and S u = g for u = g / √p, since sum(g) = 0.
-        p = jax.nn.softmax(pred, axis=-1)
-        s = jnp.sqrt(p)
-
-        def sqrt_t(v):
-            return s * v - s * jnp.sum(p * v, axis=-1, keepdims=True)
-
-        return sqrt_t, jnp.where(s > tiny, loss_grad / (s + tiny), 0)
-    # A custom loss: its Hessian by autodiff, S = V sqrt(max(σ, 0)).
-    flat_pred, unravel = ravel_pytree(pred)
-    hess = jax.hessian(lambda z: loss_fn(unravel(z), target))(flat_pred)
-    sigma, vecs = jnp.linalg.eigh(hess)
-    keep = sigma > sigma.shape[0] * jnp.finfo(sigma.dtype).eps * jnp.max(jnp.abs(sigma))
-    root = jnp.where(keep, jnp.sqrt(jnp.where(keep, sigma, 1)), 0)
-    flat_grad = ravel_pytree(loss_grad)[0]
-    u = jnp.where(keep, (vecs.T @ flat_grad) / jnp.where(keep, root, 1), 0)
-
-    def sqrt_t_custom(v):
-        return root * (vecs.T @ ravel_pytree(v)[0])
-
-    return sqrt_t_custom, u
+    w: Float[Array, " rows"]
 
 
 def curvature_factor(
@@ -106,7 +61,10 @@ def curvature_factor(
     def sample_rows(x, pred, y, r):
         # The loss Hessian's root at the linearization point: constant in `p`.
         pred, r = pred.astype(dtype), r.astype(dtype)
-        sqrt_t, u = _hessian_sqrt_t(loss_fn, curvature, pred, y, r)
+        if curvature == "empirical_fisher":  # S is the gradient, one column
+            sqrt_t, u = (lambda v: jnp.sum(r * v)[None]), jnp.ones(1, dtype)
+        else:
+            sqrt_t, u = loss_hessian_root(loss_fn, pred, y, r)
 
         def f(p):
             out = jnp.asarray(model_fn(input=x, params=unravel(p)))
