@@ -16,6 +16,13 @@ from ._ggn import (
     create_ggn_mv_without_data as create_ggn_mv_without_data,
     create_hessian_mv as create_hessian_mv,
 )
+from ._kfac import (
+    KFACState as KFACState,
+    KroneckerEigen as KroneckerEigen,
+    KroneckerFactor as KroneckerFactor,
+    kfac_factors as kfac_factors,
+    kfac_inverse as kfac_inverse,
+)
 from ._losses import (
     binary_cross_entropy_loss as binary_cross_entropy_loss,
     create_loss_hessian_mv as create_loss_hessian_mv,

@@ -11,8 +11,18 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ._cg import CGResult, CGStop
 from ._checks import check_like
 from ._diagnostics import is_definite, step_diagnostics, warn_if
+from ._kfac import (
+    WEIGHT_SHARING,
+    KFACState,
+    apply_kfac_inverse,
+    curvature_statistics,
+    eigendecompose,
+    update_kfac_state,
+    zero_factors,
+)
 from ._losses import LossFn, resolve_loss
 from ._operator import (
     CURVATURES,
@@ -29,8 +39,9 @@ from ._step_control import (
     grid_line_search,
     levenberg_marquardt,
     quadratic_model,
+    quadratic_model_coefficients,
 )
-from ._tree import tree_all_finite, tree_where
+from ._tree import tree_all_finite, tree_dot, tree_where
 
 
 class ScaleByGaussNewtonState(NamedTuple):
@@ -47,7 +58,7 @@ class ScaleByGaussNewtonState(NamedTuple):
     - `reduction_ratio`: `(L(θ - d) - L(θ)) / q(-d)` with adaptive damping, else NaN.
     - `accepted`: whether the last step was taken (rejected steps return zeros).
     - `solver`: which solver ran: 0 `"cg"`, 1 `"dense"`, 2 `"sample_space"` (what
-      `"auto"` chose); -1 before the first step.
+      `"auto"` chose), 3 `"kfac"`; -1 before the first step.
     - `step_size`: the step size the line search chose (1 without one).
     - `rejected_steps`: how many steps in a row were rejected (0 after an accepted
       one). A rejected step whose loss rose by no more than rounding (16 machine
@@ -59,7 +70,11 @@ class ScaleByGaussNewtonState(NamedTuple):
     - `solution`: the last accepted CG solution (with `warm_start`), else `None`.
     - `diagonal`: the running average of the curvature diagonal (with
       `preconditioner="jacobi"`), else `None`.
-    - `momentum`: the momentum buffer (with a non-zero `momentum`), else `None`.
+    - `momentum`: the momentum buffer (with a non-zero `momentum`), or the previous
+      step (with `adaptive_momentum`), else `None`.
+    - `kfac`: a [`eqx_ggn.KFACState`][] (with `solver="kfac"` or
+      `preconditioner="kfac"`): the running KFAC factors and their
+      eigendecompositions; else `None`.
 
     !!! example
 
@@ -92,6 +107,7 @@ class ScaleByGaussNewtonState(NamedTuple):
     solution: PyTree | None
     diagonal: PyTree | None
     momentum: PyTree | None
+    kfac: KFACState | None = None
 
 
 class _Config(eqx.Module, strict=True):
@@ -105,6 +121,8 @@ class _Config(eqx.Module, strict=True):
     adaptive_damping: bool
     warm_start: bool
     preconditioner: str | None
+    weight_sharing: str
+    adaptive_momentum: bool
     vmap_over_data: bool
     num_microbatches: int
     relinearize: bool
@@ -133,10 +151,27 @@ class _Config(eqx.Module, strict=True):
                 f"Unknown line_search {self.line_search!r}; valid ones are "
                 f"{list(LINE_SEARCHES)}."
             )
-        if self.preconditioner not in (None, "jacobi"):
+        if self.preconditioner not in (None, "jacobi", "kfac"):
             raise ValueError(
                 f"Unknown preconditioner {self.preconditioner!r}; valid ones are "
-                "[None, 'jacobi']."
+                "[None, 'jacobi', 'kfac']."
+            )
+        if self.weight_sharing not in WEIGHT_SHARING:
+            raise ValueError(
+                f"Unknown weight_sharing {self.weight_sharing!r}; valid ones are "
+                f"{list(WEIGHT_SHARING)}."
+            )
+        if self.uses_kfac and (self.curvature == "hessian" or not self.vmap_over_data):
+            raise ValueError(
+                "KFAC (solver='kfac' or preconditioner='kfac') approximates the GGN "
+                "or a Fisher of a model applied per sample; it needs curvature "
+                f"'ggn', 'fisher' or 'empirical_fisher' (got {self.curvature!r}) "
+                f"and vmap_over_data=True (got {self.vmap_over_data})."
+            )
+        if self.adaptive_momentum and self.solver != "kfac":
+            raise ValueError(
+                "adaptive_momentum rescales the KFAC step and needs solver='kfac', "
+                f"got solver={self.solver!r}."
             )
         value = self.num_microbatches
         if isinstance(value, jax.Array | np.ndarray):
@@ -147,6 +182,10 @@ class _Config(eqx.Module, strict=True):
             )
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"num_microbatches must be a positive int, got {value!r}.")
+
+    @property
+    def uses_kfac(self) -> bool:
+        return self.solver == "kfac" or self.preconditioner == "kfac"
 
 
 def _is_number(x: Any) -> bool:
@@ -219,7 +258,7 @@ def _reset_non_finite(
     state: ScaleByGaussNewtonState, fresh: ScaleByGaussNewtonState
 ) -> tuple[ScaleByGaussNewtonState, Bool[Array, ""]]:
     """Replace each non-finite buffer of `state` by its value in `fresh`."""
-    names = ("damping", "solution", "diagonal", "momentum")
+    names = ("damping", "solution", "diagonal", "momentum", "kfac")
     finite = {name: tree_all_finite(getattr(state, name)) for name in names}
     state = state._replace(
         **{
@@ -266,6 +305,97 @@ def _jacobi_preconditioner(
         )
 
     return diagonal, precondition
+
+
+def _init_kfac(params: PyTree) -> KFACState:
+    factors = zero_factors(params)
+    return KFACState(factors, eigendecompose(factors))
+
+
+def _preconditioner(
+    config: _Config,
+    state: ScaleByGaussNewtonState,
+    op: CurvatureOperator,
+    step_inputs: tuple[eqx.Module | None, PyTree, dict[str, Any]],
+    damping: Float[Array, ""],
+    decays: tuple[Any, Any, Any],
+) -> tuple[PyTree, KFACState | None, Callable | None]:
+    """The updated Jacobi or KFAC buffers, and the damped inverse they give.
+
+    KFAC: this batch's factors (at the step's key, for the sampled Fisher) join the
+    running average, whose eigendecompositions refresh every `inverse_every` steps.
+    """
+    diagonal_decay, kfac_decay, inverse_every = decays
+    if config.preconditioner == "jacobi":
+        diagonal, precondition = _jacobi_preconditioner(
+            op, state.diagonal, state.count, diagonal_decay, damping
+        )
+        return diagonal, state.kfac, precondition
+    if not config.uses_kfac:
+        return state.diagonal, state.kfac, None
+    model, params, batch = step_inputs
+    if model is None:
+        raise ValueError(
+            "KFAC (solver='kfac' or preconditioner='kfac') finds the layers of an "
+            "Equinox module: pass update(..., model=module), not model_fn alone."
+        )
+    statistics = curvature_statistics(
+        eqx.combine(params, model),
+        params,
+        batch,
+        config.loss_fn,
+        curvature=config.curvature,
+        weight_sharing=config.weight_sharing,
+        factor=op.factor,
+        key=jax.random.fold_in(jax.random.key(0), state.count),
+        axis_name=config.axis_name,
+    )
+    kfac = update_kfac_state(
+        state.kfac, statistics, state.count, kfac_decay, inverse_every
+    )
+    return state.diagonal, kfac, lambda r: apply_kfac_inverse(kfac.eigen, r, damping)
+
+
+def _rescale_kfac_step(
+    op: CurvatureOperator,
+    grad: PyTree,
+    direction: PyTree,
+    previous: PyTree | None,
+    damping: Float[Array, ""],
+) -> tuple[PyTree, PyTree, Any]:
+    """Martens and Grosse's rescaling: the KFAC direction (and with adaptive
+    momentum the previous step) scaled to minimize the exact damped quadratic
+    model, from one (two) curvature products. Returns the step, `C` times it, and
+    the solve's result with the step's relative residual."""
+    directions = [direction] if previous is None else [direction, previous]
+    products = [op.mv(d) for d in directions]
+    c = quadratic_model_coefficients(grad, directions, products, damping)
+
+    def combine(trees):
+        return jax.tree.map(
+            lambda *xs: sum(
+                ci.astype(x.dtype) * x for ci, x in zip(c, xs, strict=True)
+            ),
+            *trees,
+        )
+
+    step, curvature_step = combine(directions), combine(products)
+    residual = jax.tree.map(
+        lambda cs, s, g: cs + jnp.asarray(damping, s.dtype) * s - g,
+        curvature_step,
+        step,
+        grad,
+    )
+    norm = tree_dot(residual, residual) ** 0.5 / jnp.maximum(
+        tree_dot(grad, grad) ** 0.5, jnp.finfo(jnp.float32).tiny
+    )
+    result = CGResult(
+        value=step,
+        num_steps=jnp.asarray(0, jnp.int32),
+        stop_reason=jnp.asarray(CGStop.CONVERGED, jnp.int32),
+        residual_norm=jnp.asarray(norm, jnp.float32),
+    )
+    return step, curvature_step, result
 
 
 def _operator_for_step(
@@ -316,6 +446,7 @@ def _control_step(
     damping: Float[Array, ""],
     finite: Bool[Array, ""],
     loss_scale: Float[Array, ""],
+    curvature_direction: PyTree | None = None,
 ) -> tuple[Array, Array, Array, Array, Array]:
     """Step size, acceptance and next damping for the step `-d`.
 
@@ -352,8 +483,13 @@ def _control_step(
     new_loss = jnp.where(finite, new_loss, jnp.nan)  # rejects the step
     eps = jnp.finfo(jnp.result_type(op.loss)).eps
     if config.adaptive_damping:
-        scaled = jax.tree.map(lambda d: step_size.astype(d.dtype) * d, direction)
-        predicted = quadratic_model(op.grad, scaled, op.mv(scaled))
+        scale = lambda tree: jax.tree.map(lambda x: step_size.astype(x.dtype) * x, tree)
+        scaled = scale(direction)
+        if curvature_direction is None:  # else `C d` is known: no product
+            curvature_scaled = op.mv(scaled)
+        else:
+            curvature_scaled = scale(curvature_direction)
+        predicted = quadratic_model(op.grad, scaled, curvature_scaled)
         lm = levenberg_marquardt(damping, op.loss, new_loss, predicted, **lm_constants)
         accepted, new_damping, rho = lm
     else:
@@ -438,6 +574,8 @@ def _buffers(
             buffer,
         )
         step = buffer
+    if config.adaptive_momentum:  # the previous step, for the next rescaling
+        buffer = tree_where(accepted, direction, buffer)
     if config.warm_start:
         solution = tree_where(accepted, direction, solution)
     return step, buffer, solution
@@ -466,7 +604,11 @@ def scale_by_gauss_newton(
     warm_start_decay: float = 0.95,
     preconditioner: str | None = None,
     diagonal_decay: float = 0.95,
+    kfac_decay: float = 0.95,
+    kfac_inverse_every: int = 10,
+    weight_sharing: str = "expand",
     momentum: float | None = None,
+    adaptive_momentum: bool = False,
     factor: float | None = None,
     vmap_over_data: bool = True,
     num_microbatches: int | None = None,
@@ -518,10 +660,12 @@ def scale_by_gauss_newton(
     - `solver`: how `(C + λ I) d = g` is solved: `"cg"` (default, matrix-free),
         `"dense"` (the `P x P` matrix from per-sample Jacobians, Cholesky),
         `"sample_space"` (the `(N O) x (N O)` kernel and the push-through
-        identity; GGN, Fisher and empirical Fisher) or `"auto"` (the cheaper exact
+        identity; GGN, Fisher and empirical Fisher), `"kfac"` (the damped KFAC
+        inverse, rescaled by the exact quadratic model: one product, two with
+        `adaptive_momentum`; needs `model=`) or `"auto"` (the cheaper exact
         solve that fits `max_matrix_bytes`, 1 GiB by default, else CG). Exact
         solves run in at least float32 and never return NaN for a singular
-        system. See "Choosing a solver" in the docs, with the recommended settings.
+        system. See "Choosing a solver" and "KFAC" in the docs.
     - `line_search`: `None` or `"grid"`: evaluate the loss at `θ - α d` for
         `α = 2^-k`, `k = 0..15`, in one batched forward pass (ENGD's grid) and
         take the best; `state.step_size` records `α`. With `adaptive_damping` the
@@ -546,11 +690,19 @@ def scale_by_gauss_newton(
         `cg_maxiter` may be a traced integer (e.g. scheduled).
     - `warm_start`: start CG from `warm_start_decay` times the previous solution
         (Martens 2010 uses 0.95).
-    - `preconditioner`: `None` or `"jacobi"`: divide by a running average (decay
-        `diagonal_decay`) of a one-sample Hutchinson estimate of the curvature's
-        diagonal, clipped at 0, plus `λ`. It costs one more product per step.
+    - `preconditioner`: `None`, `"jacobi"` (divide by a running average, decay
+        `diagonal_decay`, of a one-sample Hutchinson estimate of the curvature's
+        diagonal, clipped at 0, plus `λ`; one more product per step) or `"kfac"`
+        (the damped KFAC inverse; needs `model=`).
+    - `kfac_decay`, `kfac_inverse_every`, `weight_sharing`: KFAC's factors are a
+        running average with this decay of [`eqx_ggn.kfac_factors`][] (with the
+        step's `curvature`; `"fisher"` samples labels), their eigendecompositions
+        are refreshed every `kfac_inverse_every` steps, and `weight_sharing`
+        (`"expand"` or `"reduce"`) treats layers used several times per sample.
     - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`;
         `None` (default) keeps no buffer.
+    - `adaptive_momentum`: with `solver="kfac"`, add the previous step with the
+        coefficient that minimizes the quadratic model (Martens and Grosse).
     - `factor`: the objective's factor; defaults to `1/batch_size` (the batch mean).
     - `vmap_over_data`: apply `model_fn` per sample (default) or to the whole batch.
     - `num_microbatches`, `relinearize`: accumulate the gradient, the loss and every
@@ -624,6 +776,8 @@ def scale_by_gauss_newton(
         adaptive_damping=adaptive_damping,
         warm_start=warm_start,
         preconditioner=preconditioner,
+        weight_sharing=weight_sharing,
+        adaptive_momentum=adaptive_momentum,
         vmap_over_data=vmap_over_data,
         num_microbatches=1 if num_microbatches is None else num_microbatches,
         relinearize=relinearize,
@@ -640,11 +794,18 @@ def scale_by_gauss_newton(
         momentum=(momentum, 0, 1),
         warm_start_decay=(warm_start_decay, 0, 1),
         diagonal_decay=(diagonal_decay, 0, 1),
+        kfac_decay=(kfac_decay, 0, 1),
+        kfac_inverse_every=(kfac_inverse_every, 1, float("inf")),
         damping_decrease=(damping_decrease, 0, 1),
         damping_increase=(damping_increase, 1, float("inf")),
         warn_after=(warn_after, 1, float("inf")),
     )
     use_momentum = momentum is not None and not (_is_number(momentum) and momentum == 0)
+    if use_momentum and adaptive_momentum:
+        raise ValueError(
+            "Set momentum or adaptive_momentum, not both: adaptive_momentum chooses "
+            "the momentum coefficient itself."
+        )
     lm_constants = {
         "lower_threshold": lower_threshold,
         "upper_threshold": upper_threshold,
@@ -674,7 +835,8 @@ def scale_by_gauss_newton(
             warned=jnp.asarray(False),
             solution=zeros() if config.warm_start else None,
             diagonal=zeros() if config.preconditioner == "jacobi" else None,
-            momentum=zeros() if use_momentum else None,
+            momentum=zeros() if use_momentum or config.adaptive_momentum else None,
+            kfac=_init_kfac(params) if config.uses_kfac else None,
         )
 
     def update_fn(
@@ -698,11 +860,14 @@ def scale_by_gauss_newton(
         # The damping the system is solved with: λ, or λ times the loss.
         solve_lam = lam * op.loss if config.relative_damping else lam
         solver_name = resolve_solver(config.solver, op, max_matrix_bytes)
-        diagonal, precond = state.diagonal, None
-        if config.preconditioner == "jacobi":
-            diagonal, precond = _jacobi_preconditioner(
-                op, state.diagonal, state.count, diagonal_decay, solve_lam
-            )
+        diagonal, kfac, precond = _preconditioner(
+            config,
+            state,
+            op,
+            (model, params, batch),
+            solve_lam,
+            (diagonal_decay, kfac_decay, kfac_inverse_every),
+        )
         x0 = None
         if config.warm_start:
             x0 = jax.tree.map(lambda s: warm_start_decay * s, state.solution)
@@ -717,7 +882,12 @@ def scale_by_gauss_newton(
             preconditioner=precond,
             progress_tol=cg_progress_tol,
         )
-        direction = result.value
+        direction, curvature_direction = result.value, None
+        if solver_name == "kfac":
+            previous = state.momentum if config.adaptive_momentum else None
+            direction, curvature_direction, result = _rescale_kfac_step(
+                op, updates, direction, previous, solve_lam
+            )
         finite = (
             tree_all_finite(direction)
             & tree_all_finite(updates)
@@ -740,6 +910,7 @@ def scale_by_gauss_newton(
             lam,
             finite,
             loss_scale,
+            curvature_direction,
         )
         direction = jax.tree.map(lambda d: (step_size * d).astype(d.dtype), direction)
         rejected_steps = jnp.where(failed, state.rejected_steps + 1, 0)
@@ -776,6 +947,7 @@ def scale_by_gauss_newton(
             solution=solution,
             diagonal=diagonal,
             momentum=momentum_buffer,
+            kfac=kfac,
         )
         zeros = jax.tree.map(jnp.zeros_like, step)
         return tree_where(accepted, step, zeros), new_state

@@ -30,8 +30,8 @@ from ._operator import to_microbatches, vary_over_shards
 
 
 EXACT_SOLVERS = ("dense", "sample_space")
-SOLVERS = ("cg", *EXACT_SOLVERS, "auto")
-SOLVER_CODES = {"cg": 0, "dense": 1, "sample_space": 2}
+SOLVERS = ("cg", *EXACT_SOLVERS, "kfac", "auto")
+SOLVER_CODES = {"cg": 0, "dense": 1, "sample_space": 2, "kfac": 3}
 DEFAULT_MAX_MATRIX_BYTES = 2**30
 
 
@@ -279,7 +279,7 @@ def resolve_solver(solver: str, op: Any, max_matrix_bytes: int | None = None) ->
     """Check `solver` against the operator and resolve `"auto"`."""
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; valid ones are {list(SOLVERS)}.")
-    if solver == "cg":
+    if solver in ("cg", "kfac"):
         return solver
     if op.loss_fn is None:
         raise ValueError(
@@ -326,6 +326,14 @@ def solve_with(
 ) -> CGResult:
     """`(C + damping I)^{-1} rhs` with the named solver, for a `CurvatureOperator`."""
     solver = resolve_solver(solver, op, max_matrix_bytes)
+    if solver == "kfac":
+        if preconditioner is None:
+            raise ValueError(
+                "solver='kfac' applies a KFAC inverse, which the operator does not "
+                "hold: pass it as preconditioner= (see eqx_ggn.kfac_inverse), or use "
+                "solver='kfac' in eqx_ggn.scale_by_gauss_newton."
+            )
+        return _result(preconditioner(rhs), jnp.nan)
     if solver == "cg":
         lam = jnp.asarray(damping, jnp.float32)
 

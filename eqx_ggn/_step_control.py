@@ -106,3 +106,47 @@ def grid_line_search(
     values = jnp.where(jnp.isfinite(values), values, jnp.inf)
     best = jnp.argmin(values)
     return sizes[best], values[best]
+
+
+def quadratic_model_coefficients(
+    grad: PyTree,
+    directions: list[PyTree],
+    curvature_directions: list[PyTree],
+    damping: Float[Array, ""],
+) -> Float[Array, " k"]:
+    """The coefficients `c` that minimize the damped quadratic model along a few
+    directions (Martens and Grosse's step-size and momentum rescaling).
+
+    The step is `-sum_i c_i d_i`, and `c` minimizes
+    `q(-s) = -g^T s + s^T (C + λ I) s / 2`: `M c = b` with `M_ij = d_i^T (C + λ I) d_j`
+    and `b_i = g^T d_i`, solved by a pseudo-inverse (a zero direction, such as
+    the previous step at the first step, gets a zero coefficient).
+
+    **Arguments:**
+
+    - `grad`: the gradient `g`.
+    - `directions`: one or two directions `d_i` (e.g. the KFAC step and the
+        previous step).
+    - `curvature_directions`: the products `C d_i`.
+    - `damping`: `λ`.
+
+    **Returns:**
+
+    The coefficients, float32 or wider.
+    """
+    k = len(directions)
+    gram = jnp.stack(
+        [
+            jnp.stack(
+                [
+                    tree_dot(directions[i], curvature_directions[j])
+                    + damping * tree_dot(directions[i], directions[j])
+                    for j in range(k)
+                ]
+            )
+            for i in range(k)
+        ]
+    )
+    rhs = jnp.stack([tree_dot(grad, d) for d in directions])
+    gram = (gram + gram.T) / 2
+    return jnp.linalg.pinv(gram, hermitian=True) @ rhs

@@ -1,0 +1,491 @@
+"""KFAC: factors against dense float64 references, the damped inverse, the
+optimizer's `solver="kfac"` / `preconditioner="kfac"`, and the state."""
+
+import io
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_rel_close, dense_curvatures, to_f64
+from jax.flatten_util import ravel_pytree
+
+import eqx_ggn
+from eqx_ggn._kfac import _layer_matrix
+
+
+# One compiled program per model and setting, instead of op-by-op dispatch.
+kfac_factors = eqx.filter_jit(eqx_ggn.kfac_factors)
+
+
+@eqx.filter_jit
+def apply_inverse(factors, damping, vector):
+    return eqx_ggn.kfac_inverse(factors, damping)(vector)
+
+
+class Net(eqx.Module):
+    """Linear -> LayerNorm -> tanh -> Linear -> tanh -> Linear, plus a free
+    `scale` array: two kinds of diagonal block next to the Kronecker ones."""
+
+    layers: tuple
+    norm: eqx.nn.LayerNorm
+    scale: jax.Array
+
+    def __init__(self, key, sizes=(3, 5, 4, 2)):
+        keys = jax.random.split(key, 3)
+        self.layers = tuple(
+            eqx.nn.Linear(a, b, key=k)
+            for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
+        )
+        self.norm = eqx.nn.LayerNorm(sizes[1])
+        self.scale = jnp.linspace(0.5, 1.5, sizes[2])
+
+    def __call__(self, x):
+        h = jnp.tanh(self.norm(self.layers[0](x)))
+        h = jnp.tanh(self.layers[1](h)) * self.scale
+        return self.layers[2](h)
+
+
+class ConvNet(eqx.Module):
+    """Conv2d (padding and stride) -> tanh -> flatten -> Linear."""
+
+    conv: eqx.nn.Conv2d
+    head: eqx.nn.Linear
+
+    def __init__(self, key, padding_mode="ZEROS"):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(
+            2, 3, (2, 3), stride=(1, 2), padding=1, padding_mode=padding_mode, key=k1
+        )
+        self.head = eqx.nn.Linear(3 * 5 * 3, 2, key=k2)
+
+    def __call__(self, x):  # x: (2, 4, 5)
+        return self.head(jnp.tanh(self.conv(x)).reshape(-1))
+
+
+class Recurrent(eqx.Module):
+    """One Linear cell reused over time by `lax.scan`, and an Embedding under
+    `vmap`: weight sharing through a scan and through a vmap."""
+
+    embed: eqx.nn.Embedding
+    cell: eqx.nn.Linear
+    head: eqx.nn.Linear
+
+    def __init__(self, key, vocab=5, width=3):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.embed = eqx.nn.Embedding(vocab, width, key=k1)
+        self.cell = eqx.nn.Linear(2 * width, width, key=k2)
+        self.head = eqx.nn.Linear(width, 2, key=k3)
+
+    def __call__(self, tokens, perturbation=None):
+        inputs = jax.vmap(self.embed)(tokens)
+        if perturbation is None:
+            perturbation = jnp.zeros_like(inputs)
+
+        def step(h, xs):
+            x, e = xs
+            h = jnp.tanh(self.cell(jnp.concatenate([h, x])) + e)
+            return h, h
+
+        _, hs = jax.lax.scan(step, jnp.zeros_like(inputs[0]), (inputs, perturbation))
+        return self.head(hs[-1])
+
+
+def _dense_ggn(model, batch, loss_fn):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    n = jax.tree.leaves(batch["input"])[0].shape[0]
+    model_fn = eqx_ggn.as_model_fn(static)
+    dense = dense_curvatures(model_fn, params, batch, loss_fn, 1.0 / n)["ggn"]
+    flat, unravel = ravel_pytree(params)
+    return dense, unravel(jnp.arange(flat.size, dtype=flat.dtype))
+
+
+def _kron_indices(index_layer):
+    """Flat indices of a layer's parameters in the `kron(g, a)` order."""
+    matrix, _ = _layer_matrix(index_layer)
+    return matrix.astype(int).reshape(-1)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "batch_size", "exact_layers"),
+    [("mse", 6, [2]), ("cross_entropy", 1, [0, 1, 2])],
+)
+def test_blocks_equal_the_dense_ggn_where_kfac_is_exact(
+    x64, loss_fn, batch_size, exact_layers
+):
+    """The last Linear under mse (output Hessian 2 I), and every layer at batch
+    size 1, equal the dense GGN blocks; the diagonal blocks (LayerNorm, `scale`)
+    equal the dense GGN's diagonal, at any batch size."""
+    model = to_f64(Net(jax.random.key(0)))
+    kx, ky = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (batch_size, 3))
+    target = jax.random.randint(ky, (batch_size,), 0, 2)
+    if loss_fn == "mse":
+        target = jax.random.normal(ky, (batch_size, 2))
+    batch = {"input": x, "target": target}
+    factors = kfac_factors(model, batch, loss_fn)
+    dense, index = _dense_ggn(model, batch, loss_fn)
+    for i in exact_layers:
+        rows = _kron_indices(index.layers[i])
+        block = factors.layers[i]
+        assert block.a.dtype == jnp.float64
+        assert_rel_close(jnp.kron(block.g, block.a), dense[jnp.ix_(rows, rows)], 1e-10)
+    for diag, idx in [
+        (factors.scale, index.scale),
+        (factors.norm.weight, index.norm.weight),
+        (factors.norm.bias, index.norm.bias),
+    ]:
+        idx = idx.astype(int)
+        assert_rel_close(diag, jnp.diagonal(dense)[idx], 1e-10)
+
+
+def _im2col(x, kernel, stride, padding):
+    """Explicit patches, one row per output position, (channel, kh, kw) order."""
+    x = np.pad(np.asarray(x), ((0, 0), (padding, padding), (padding, padding)))
+    _, h, w = x.shape
+    rows = []
+    for i in range(0, h - kernel[0] + 1, stride[0]):
+        for j in range(0, w - kernel[1] + 1, stride[1]):
+            rows.append(x[:, i : i + kernel[0], j : j + kernel[1]].reshape(-1))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_conv_factors_equal_explicit_im2col(x64, weight_sharing):
+    """Conv2d: A from explicit im2col patches (bias column appended), G from the
+    output cotangents of the rest of the network, by the Eschenhagen et al.
+    formula for `weight_sharing`."""
+    model = to_f64(ConvNet(jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(1), (4, 2, 4, 5))
+    batch = {"input": x, "target": jnp.zeros((4, 2))}
+    factors = kfac_factors(model, batch, "mse", weight_sharing=weight_sharing).conv
+    patches = np.stack([_im2col(xi, (2, 3), (1, 2), 1) for xi in x])  # (N, R, n)
+    patches = np.concatenate([patches, np.ones((*patches.shape[:2], 1))], -1)
+    z = jax.vmap(model.conv)(x)  # (N, 3, 5, 3)
+    # Output cotangents: the rest of the network's pullback of S = sqrt(2) I.
+    rest = lambda zi: model.head(jnp.tanh(zi).reshape(-1))
+    cts = jax.vmap(
+        lambda zi: jax.vmap(jax.vjp(rest, zi)[1])(np.sqrt(2) * jnp.eye(2))[0]
+    )(z)  # (N, K, 3, 5, 3)
+    g_rows = np.asarray(cts).reshape(4, 2, 3, -1).transpose(0, 1, 3, 2)  # (N,K,R,m)
+    if weight_sharing == "expand":
+        a = np.einsum("nri,nrj->ij", patches, patches) / (4 * patches.shape[1])
+        g = np.einsum("nkri,nkrj->ij", g_rows, g_rows) / 4
+    else:
+        mean_patch = patches.mean(1)
+        summed = g_rows.sum(2)
+        a = mean_patch.T @ mean_patch / 4
+        g = np.einsum("nki,nkj->ij", summed, summed) / 4
+    assert_rel_close(factors.a, a, 1e-10)
+    assert_rel_close(factors.g, g, 1e-10)
+
+
+def test_scan_and_vmap_weight_sharing_expand(x64):
+    """A Linear cell reused by `lax.scan` and an Embedding under `vmap`, inside
+    `eqx.filter_jit`: the expand factors equal explicit per-step sums."""
+    model = to_f64(Recurrent(jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(1), (3, 4), 0, 5)
+    batch = {"input": tokens, "target": jnp.zeros((3, 2))}
+    factors = kfac_factors(model, batch, "mse")
+
+    def cell_inputs(seq):
+        inputs, h, rows = jax.vmap(model.embed)(seq), jnp.zeros(3), []
+        for x in inputs:
+            rows.append(jnp.concatenate([h, x, jnp.ones(1)]))
+            h = jnp.tanh(model.cell(jnp.concatenate([h, x])))
+        return jnp.stack(rows)
+
+    rows = jnp.stack([cell_inputs(seq) for seq in tokens])  # (N, T, n)
+    # Output gradients per step: the gradient of a zero perturbation per step.
+    cts = jax.vmap(
+        lambda seq: jax.vmap(jax.vjp(lambda e: model(seq, e), jnp.zeros((4, 3)))[1])(
+            np.sqrt(2) * jnp.eye(2)
+        )[0]
+    )(tokens)  # (N, K, T, m)
+    assert_rel_close(factors.cell.a, jnp.einsum("nti,ntj->ij", rows, rows) / 12, 1e-10)
+    assert_rel_close(factors.cell.g, jnp.einsum("nkti,nktj->ij", cts, cts) / 3, 1e-10)
+    counts = np.bincount(np.asarray(tokens).reshape(-1), minlength=5)
+    assert_rel_close(factors.embed.a, counts / 12, 1e-10)
+
+
+def test_inverse_equals_solve_on_the_dense_kronecker_matrix(x64):
+    """`kfac_inverse` on Linear, Conv2d (reflect padding), Embedding and diagonal
+    blocks equals `jnp.linalg.solve` with `(A + π√λ I) ⊗ (G + √λ/π I)`."""
+    damping, seen = 0.3, set()
+    models = [
+        (Net(jax.random.key(0)), jax.random.normal(jax.random.key(1), (5, 3))),
+        (
+            ConvNet(jax.random.key(2), padding_mode="REFLECT"),
+            jax.random.normal(jax.random.key(3), (3, 2, 4, 5)),
+        ),
+        (
+            Recurrent(jax.random.key(4)),
+            jax.random.randint(jax.random.key(5), (3, 4), 0, 5),
+        ),
+    ]
+    for model, x in models:
+        model = to_f64(model)
+        batch = {"input": x, "target": jnp.zeros((x.shape[0], 2))}
+        factors = kfac_factors(model, batch, "mse")
+        params = eqx.filter(model, eqx.is_inexact_array)
+        flat, unravel = ravel_pytree(params)
+        vector = unravel(jax.random.normal(jax.random.key(6), flat.shape))
+        out = apply_inverse(factors, damping, vector)
+
+        def check(b, v, o, kinds=seen):
+            if not isinstance(b, eqx_ggn.KroneckerFactor):
+                assert_rel_close(o, v / (b + damping), 1e-10)
+                kinds.add("diagonal")
+                return
+            a = jnp.diag(b.a) if b.a.ndim == 1 else b.a
+            n, m = a.shape[0], b.g.shape[0]
+            pi = jnp.sqrt((jnp.trace(a) / n) / (jnp.trace(b.g) / m))
+            a_d = a + pi * np.sqrt(damping) * jnp.eye(n)
+            g_d = b.g + np.sqrt(damping) / pi * jnp.eye(m)
+            if isinstance(v, eqx.nn.Embedding):  # weight (n, m): kron(A, G)
+                ref = jnp.linalg.solve(jnp.kron(a_d, g_d), v.weight.reshape(-1))
+                assert_rel_close(o.weight.reshape(-1), ref, 1e-10)
+            else:  # [weight | bias] (m, n): kron(G, A)
+                rhs = _layer_matrix(v)[0].reshape(-1)
+                ref = jnp.linalg.solve(jnp.kron(g_d, a_d), rhs)
+                assert_rel_close(_layer_matrix(o)[0].reshape(-1), ref, 1e-10)
+            kinds.add(type(v).__name__)
+
+        jax.tree.map(
+            check,
+            factors,
+            vector,
+            out,
+            is_leaf=lambda b: isinstance(b, eqx_ggn.KroneckerFactor),
+        )
+    assert {"diagonal", "Linear", "Conv2d", "Embedding"} <= seen
+
+
+def test_fisher_factors_match_the_ggn_in_expectation():
+    """Sampled-label factors, averaged over 400 keys, lie within 5 standard errors
+    of the exact GGN factors in every entry (A does not depend on the labels)."""
+    model = Net(jax.random.key(0))
+    kx, ky = jax.random.split(jax.random.key(1))
+    batch = {
+        "input": jax.random.normal(kx, (8, 3)),
+        "target": jax.random.randint(ky, (8,), 0, 2),
+    }
+    exact = kfac_factors(model, batch, "cross_entropy")
+    keys = jax.random.split(jax.random.key(2), 400)
+    sampled = eqx.filter_jit(
+        jax.vmap(
+            lambda k: eqx_ggn.kfac_factors(
+                model, batch, "cross_entropy", curvature="fisher", key=k
+            )
+        )
+    )(keys)
+    worst = 0.0
+    for e, s in zip(jax.tree.leaves(exact), jax.tree.leaves(sampled), strict=True):
+        mean, sem = jnp.mean(s, 0), jnp.std(s, 0) / np.sqrt(len(keys))
+        deterministic = sem <= 1e-6 * (jnp.abs(e) + 1e-6)
+        assert jnp.all(~deterministic | (jnp.abs(mean - e) <= 1e-5 * jnp.abs(e) + 1e-7))
+        z = jnp.where(
+            deterministic, 0, jnp.abs(mean - e) / jnp.where(deterministic, 1, sem)
+        )
+        worst = max(worst, float(jnp.max(z)))
+    assert worst < 5, worst
+
+
+def _least_squares(x64_key=0):
+    kx, kw = jax.random.split(jax.random.key(x64_key))
+    x = jax.random.normal(kx, (30, 4), jnp.float64)
+    y = x @ jax.random.normal(kw, (4, 2), jnp.float64) + 0.1
+    y = y + 0.3 * jnp.sin(3 * x[:, :2])  # residuals a linear model cannot fit
+    model = to_f64(eqx.nn.Linear(4, 2, key=jax.random.key(1)))
+    return model, {"input": x, "target": y}
+
+
+def _step(opt, model, batch, state, loss_fn="mse", spec=eqx.is_inexact_array):
+    params = eqx.filter(model, spec)
+    grads = eqx_ggn.value_and_grad(eqx_ggn.as_model_fn(model), params, batch, loss_fn)[
+        1
+    ]
+    updates, state = opt.update(grads, state, params, model=model, batch=batch)
+    return eqx.apply_updates(model, updates), state
+
+
+@pytest.mark.parametrize("adaptive_momentum", [False, True])
+def test_kfac_step_solves_linear_least_squares(x64, adaptive_momentum):
+    """A single Linear layer under mse: KFAC is the exact GGN (G = 2 I), so one
+    undamped, rescaled KFAC step lands on `lstsq`."""
+    model, batch = _least_squares()
+    opt = eqx_ggn.gauss_newton(
+        1.0,
+        loss_fn="mse",
+        solver="kfac",
+        damping=0.0,
+        adaptive_damping=False,
+        adaptive_momentum=adaptive_momentum,
+    )
+    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    model, state = eqx.filter_jit(_step)(opt, model, batch, state)
+    design = jnp.concatenate([batch["input"], jnp.ones((30, 1))], axis=1)
+    solution = jnp.linalg.lstsq(design, batch["target"])[0]
+    assert_rel_close(
+        jnp.concatenate([model.weight.T, model.bias[None]]), solution, 1e-10
+    )
+    inner = state[0]
+    assert int(inner.solver) == 3 and float(inner.cg_residual) < 1e-10
+
+
+def test_kfac_preconditioned_cg_reaches_the_unpreconditioned_solution(x64):
+    """At a fixed damping, CG preconditioned by KFAC converges to the same step as
+    plain CG and as the dense damped solve."""
+    model = to_f64(Net(jax.random.key(3)))
+    kx, ky = jax.random.split(jax.random.key(4))
+    batch = {
+        "input": jax.random.normal(kx, (12, 3)),
+        "target": jax.random.randint(ky, (12,), 0, 2),
+    }
+    params = eqx.filter(model, eqx.is_inexact_array)
+    grads = eqx_ggn.value_and_grad(model=model, batch=batch, loss_fn="cross_entropy")[1]
+
+    @eqx.filter_jit
+    def steps(params, grads):
+        out = {}
+        for name in ["none", "kfac"]:
+            opt = eqx_ggn.scale_by_gauss_newton(
+                "cross_entropy",
+                damping=2.0**-10,  # exact in float32, as CG keeps it
+                adaptive_damping=False,
+                preconditioner=None if name == "none" else name,
+                cg_maxiter=400,
+                cg_tol=1e-12,
+                cg_progress_tol=0.0,
+            )
+            out[name] = opt.update(
+                grads, opt.init(params), params, model=model, batch=batch
+            )
+        op = eqx_ggn.curvature_operator(
+            model=model, data=batch, loss_fn="cross_entropy"
+        )
+        return out, op.solve(grads, 2.0**-10, solver="dense")
+
+    out, dense = steps(params, grads)
+    for name, (update, state) in out.items():
+        assert_rel_close(update, dense, 1e-8)
+        assert int(state.cg_stop_reason) == int(eqx_ggn.CGStop.CONVERGED), name
+    # Iteration counts are measured in benchmarks/kfac.py: on a curvature of
+    # rank 12, as here, plain CG needs ~13 steps and no preconditioner helps.
+
+
+class Stateful(eqx.Module):
+    """Linear -> BatchNorm (running statistics) -> dropout (a key bound for the
+    step) -> tanh -> Linear, with the BatchNorm state held as a field."""
+
+    first: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    dropout: eqx.nn.Dropout
+    last: eqx.nn.Linear
+    state: eqx.nn.State
+    key: jax.Array
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.first = eqx.nn.Linear(3, 6, key=k1)
+        self.norm = eqx.nn.BatchNorm(6, "batch", inference=True, mode="batch")
+        self.dropout = eqx.nn.Dropout(0.3)
+        self.last = eqx.nn.Linear(6, 2, key=k2)
+        self.state = eqx.nn.State(self.norm)
+        self.key = k3
+
+    def __call__(self, x):
+        h, _ = self.norm(self.first(x), self.state)
+        return self.last(jnp.tanh(self.dropout(h, key=self.key)))
+
+
+def test_frozen_stateful_and_bfloat16_models_in_the_optimizer():
+    """A frozen first layer gets no block and stays put; BatchNorm's scale and
+    shift get diagonal blocks; dropout and BatchNorm are fixed for the step; the
+    state is readable with `optax.tree.get`, serialises, and with bf16 params
+    the factors stay float32; one trace per setting."""
+    model = Stateful(jax.random.key(0))
+    spec = jax.tree.map(eqx.is_inexact_array, model)
+    spec = eqx.tree_at(lambda m: (m.first, m.state), spec, replace=(False, False))
+    # Targets from a teacher that differs in the trained layer only: reachable.
+    kx, ky = jax.random.split(jax.random.key(1))
+    teacher = eqx.tree_at(lambda m: m.last, model, eqx.nn.Linear(6, 2, key=ky))
+    x = jax.random.normal(kx, (16, 3))
+    batch = {"input": x, "target": jax.vmap(teacher)(x)}
+    opt = optax.inject_hyperparams(eqx_ggn.gauss_newton)(
+        learning_rate=1.0, loss_fn="mse", solver="kfac", kfac_inverse_every=2
+    )
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=2)  # float32 and bfloat16
+    def step(model, state):
+        return _step(opt, model, batch, state, spec=spec)
+
+    def loss(model):
+        pred = jax.vmap(model)(batch["input"])
+        return float(
+            jnp.mean(jnp.sum((pred.astype(jnp.float32) - batch["target"]) ** 2, 1))
+        )
+
+    for dtype in [jnp.float32, jnp.bfloat16]:
+        m = jax.tree.map(
+            lambda x, d=dtype: x.astype(d) if eqx.is_inexact_array(x) else x, model
+        )
+        state = opt.init(eqx.filter(m, spec))
+        first = loss(m)
+        for _ in range(8):
+            new, state = step(m, state)
+            assert new.first.weight is not None
+            assert jnp.array_equal(new.first.weight, m.first.weight)  # frozen
+            m = new
+        assert loss(m) < 0.1 * first, (dtype, first, loss(m))
+        factors = optax.tree.get(state, "factors")
+        assert factors.first.weight is None and not jax.tree.leaves(factors.state)
+        assert isinstance(factors.last, eqx_ggn.KroneckerFactor)
+        assert (
+            factors.norm.weight.shape == (6,)
+            and factors.norm.weight.dtype == jnp.float32
+        )
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(factors))
+        assert m.last.weight.dtype == dtype
+        buffer = io.BytesIO()
+        eqx.tree_serialise_leaves(buffer, state)
+        buffer.seek(0)
+        restored = eqx.tree_deserialise_leaves(buffer, state)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+            assert jnp.array_equal(a, b)
+
+
+def test_kfac_errors():
+    model, batch = _least_squares()
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt = eqx_ggn.scale_by_gauss_newton("mse", solver="kfac")
+    with pytest.raises(ValueError, match="model=module"):
+        opt.update(
+            params,
+            opt.init(params),
+            params,
+            model_fn=eqx_ggn.as_model_fn(model),
+            batch=batch,
+        )
+    with pytest.raises(ValueError, match="curvature 'ggn', 'fisher'"):
+        eqx_ggn.scale_by_gauss_newton("mse", solver="kfac", curvature="hessian")
+    with pytest.raises(ValueError, match="adaptive_momentum"):
+        eqx_ggn.scale_by_gauss_newton("mse", adaptive_momentum=True)
+    with pytest.raises(ValueError, match="weight_sharing"):
+        eqx_ggn.scale_by_gauss_newton("mse", preconditioner="kfac", weight_sharing="x")
+    with pytest.raises(ValueError, match="needs key="):
+        eqx_ggn.kfac_factors(model, batch, "mse", curvature="fisher")
+    with pytest.raises(ValueError, match="built-in losses"):
+        eqx_ggn.kfac_factors(
+            model,
+            batch,
+            lambda p, t: jnp.sum(p),
+            curvature="fisher",
+            key=jax.random.key(0),
+        )
+    op = eqx_ggn.curvature_operator(model=model, data=batch, loss_fn="mse")
+    with pytest.raises(ValueError, match="kfac_inverse"):
+        op.solve(params, 1.0, solver="kfac")
