@@ -18,7 +18,6 @@ from ._ggn import (
 )
 from ._kfac import (
     KFACState as KFACState,
-    KroneckerEigen as KroneckerEigen,
     KroneckerFactor as KroneckerFactor,
     kfac_factors as kfac_factors,
     kfac_inverse as kfac_inverse,

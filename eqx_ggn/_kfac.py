@@ -51,6 +51,22 @@ class KroneckerFactor(NamedTuple):
     In the flattened order of `weight` `(m, n)` (with the bias appended as a last
     column), the block is `kron(g, a)`; for an embedding's `weight` `(n, m)` it is
     `kron(diag(a), g)`.
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax, jax.numpy as jnp
+        import eqx_ggn
+
+        linear = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+        x = jax.random.normal(jax.random.key(1), (5, 3))
+        batch = {"input": x, "target": jnp.zeros((5, 2))}
+        block = eqx_ggn.kfac_factors(linear, batch, "mse")
+        assert isinstance(block, eqx_ggn.KroneckerFactor)
+        # One Linear layer under mse: A ⊗ G is its GGN, in [weight | bias] order.
+        ggn = jnp.kron(block.g, block.a)  # (2 * 4, 2 * 4)
+        ```
     """
 
     a: Float[Array, "n n"] | Float[Array, " n"]
@@ -75,6 +91,21 @@ class KFACState(NamedTuple):
         layer and the curvature's diagonal in place of every other trained array.
     - `eigen`: their eigendecompositions at the last refresh (a `KroneckerEigen` per
         layer, a copy of the diagonal elsewhere).
+
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax, optax
+        import eqx_ggn
+
+        mlp = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        opt = eqx_ggn.gauss_newton(1.0, loss_fn="mse", solver="kfac")
+        state = opt.init(eqx.filter(mlp, eqx.is_inexact_array))
+        factors = optax.tree.get(state, "factors")
+        assert factors.layers[0].a.shape == (3, 3)  # 2 inputs and the bias
+        ```
     """
 
     factors: PyTree

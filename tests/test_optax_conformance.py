@@ -46,10 +46,13 @@ def test_unknown_extra_args_are_ignored():
     opt = eqx_ggn.gauss_newton(0.5, **FULL)
     state = opt.init(params)
     grads = _grads(model_fn, params, batch)
-    a, _ = opt.update(grads, state, params, model_fn=model_fn, batch=batch)
-    b, _ = opt.update(
-        grads, state, params, model_fn=model_fn, batch=batch, value=1.0, key=3
+    # Compiled: the extra keywords must be ignored at trace time, too.
+    update = jax.jit(
+        lambda g, extra: opt.update(
+            g, state, params, model_fn=model_fn, batch=batch, **extra
+        )[0]
     )
+    a, b = update(grads, {}), update(grads, {"value": 1.0, "key": 3})
     assert jnp.array_equal(_flat(a), _flat(b))
 
 
@@ -108,10 +111,13 @@ def test_state_and_update_dtypes_are_stable(dtype):
         jnp.all(jnp.isfinite(u.astype(jnp.float32))) for u in jax.tree.leaves(updates)
     )
     # The state survives lax.cond: both branches give the same structure and dtypes.
-    for flag in (True, False):
-        out = jax.lax.cond(
-            flag, lambda s: update(grads, s, params)[1], lambda s: s, state
+    in_cond = jax.jit(  # one program for both branches taken
+        lambda flag, s: jax.lax.cond(
+            flag, lambda s: update(grads, s, params)[1], lambda s: s, s
         )
+    )
+    for flag in (True, False):
+        out = in_cond(flag, state)
         assert jax.tree.structure(out) == jax.tree.structure(state)
 
 
@@ -132,11 +138,14 @@ def test_multisteps_and_chains(x64):
     }
     multi = optax.MultiSteps(eqx_ggn.gauss_newton(1.0, **exact), every_k_schedule=2)
     state = multi.init(params)
-    u1, state = multi.update(grads, state, params, **kw)
-    u2, state = multi.update(grads, state, params, **kw)
+    update = jax.jit(lambda g, s: multi.update(g, s, params, **kw))  # one program
+    u1, state = update(grads, state)
+    u2, state = update(grads, state)
     assert float(jnp.sum(jnp.abs(_flat(u1)))) == 0.0
     single = eqx_ggn.gauss_newton(1.0, **exact)
-    expected, _ = single.update(grads, single.init(params), params, **kw)
+    expected, _ = jax.jit(
+        lambda g: single.update(g, single.init(params), params, **kw)
+    )(grads)
     assert_rel_close(_flat(u2), _flat(expected), tol=1e-9)
 
     for chained in (

@@ -1,0 +1,373 @@
+"""KFAC: CG iterations with and without preconditioning, time to accuracy against
+tuned Adam, and kfac-jax side by side.
+
+Two problems, both from the examples (scikit-learn digits, no download):
+
+- the deep autoencoder 64-128-64-32-8-32-64-128-64 (tanh, binary cross-entropy on
+  the pixel intensities, mini-batches of 512), as in `examples/autoencoder_hf.py`;
+- the digits classifier, MLP 64-128-128-10 (tanh, cross-entropy, mini-batches of
+  256), as in `examples/classification_digits.py`.
+
+Part 1, CG iterations: at the initial parameters and after 40 and 200 steps of
+plain Gauss-Newton training, CG on `(GGN + λ I) d = g` to relative residual 1e-3
+(no progress test, at most 2,000 iterations), for λ = 1e-2, 1e-3, 1e-4: no
+preconditioner, Jacobi with the exact GGN diagonal, and the damped KFAC inverse
+(exact GGN factors of the same batch). The wall time is one jitted solve;
+building the KFAC inverse (factors and eigendecompositions) is timed apart.
+
+Part 2, time to accuracy, untuned settings: `solver="kfac"` (defaults), with
+`adaptive_momentum=True`, `preconditioner="kfac"` (CG, `cg_maxiter=50`) and plain
+CG (Hessian-free as in the example), against Adam at learning rates 1e-3, 3e-3
+and 1e-2 (the best one is the baseline). Equal wall-clock budgets, compilation
+excluded.
+
+Part 3: kfac-jax's optimizer on a plain-JAX MLP, in a subprocess: its version and
+its result or error.
+
+Run: `python benchmarks/kfac.py` (about 8 minutes on 2 CPU cores), or `--budget`
+to change the seconds per optimizer in part 2.
+"""
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+
+import eqx_ggn
+from eqx_ggn._cg import cg
+
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--budget", type=float, default=20.0, help="seconds per run")
+parser.add_argument("--parts", default="123", help="which parts to run")
+args = parser.parse_args()
+
+digits = load_digits()
+order = np.random.default_rng(0).permutation(len(digits.target))
+images = jnp.asarray(digits.data[order] / 16.0, jnp.float32)
+labels = jnp.asarray(digits.target[order])
+split = 1347
+
+
+class Autoencoder(eqx.Module):
+    layers: list
+
+    def __init__(self, sizes, key):
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = [
+            eqx.nn.Linear(a, b, key=k)
+            for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
+        ]
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jnp.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+PROBLEMS = {
+    "autoencoder": dict(
+        model=Autoencoder([64, 128, 64, 32, 8, 32, 64, 128, 64], jax.random.key(0)),
+        loss="binary_cross_entropy",
+        train=(images[:split], images[:split]),
+        test=(images[split:], images[split:]),
+        batch_size=512,
+    ),
+    "digits": dict(
+        model=eqx.nn.MLP(64, 10, 128, 2, activation=jnp.tanh, key=jax.random.key(0)),
+        loss="cross_entropy",
+        train=(images[:split], labels[:split]),
+        test=(images[split:], labels[split:]),
+        batch_size=256,
+    ),
+}
+
+
+def objective(model, x, y, loss):
+    fn = eqx_ggn.binary_cross_entropy_loss
+    if loss == "cross_entropy":
+        fn = eqx_ggn.cross_entropy_loss
+    return jnp.mean(jax.vmap(fn)(jax.vmap(model)(x), y))
+
+
+@eqx.filter_jit
+def test_metric(model, x, y, loss):
+    """Autoencoder: squared reconstruction error per image; digits: test loss."""
+    logits = jax.vmap(model)(x)
+    if loss == "binary_cross_entropy":
+        return jnp.mean(jnp.sum((jax.nn.sigmoid(logits) - x) ** 2, axis=-1))
+    return objective(model, x, y, loss)
+
+
+@eqx.filter_jit
+def test_accuracy(model, x, y):
+    return jnp.mean(jnp.argmax(jax.vmap(model)(x), axis=-1) == y)
+
+
+def make_step(opt, loss, second_order):
+    @eqx.filter_jit
+    def step(model, opt_state, x, y):
+        value, grads = eqx.filter_value_and_grad(objective)(model, x, y, loss)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        extra = {}
+        if second_order:
+            extra = {"model": model, "batch": {"input": x, "target": y}}
+        updates, opt_state = opt.update(grads, opt_state, params, **extra)
+        return eqx.apply_updates(model, updates), opt_state, value
+
+    return step
+
+
+def train(problem, opt, second_order, budget=None, steps=None, seed=1):
+    """Run on random mini-batches for `budget` seconds (compilation excluded) or
+    `steps` steps; return the model, steps, and (time, test metric) history."""
+    p = PROBLEMS[problem]
+    model, loss, (tx, ty) = p["model"], p["loss"], p["train"]
+    step = make_step(opt, loss, second_order)
+    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    bs = p["batch_size"]
+    jax.block_until_ready(step(model, state, tx[:bs], ty[:bs]))  # compile
+    rng = np.random.default_rng(seed)
+    elapsed, count, history = 0.0, 0, []
+    while (budget is None or elapsed < budget) and (steps is None or count < steps):
+        idx = rng.choice(len(tx), bs, replace=False)
+        start = time.perf_counter()
+        model, state, value = step(model, state, tx[idx], ty[idx])
+        jax.block_until_ready(value)
+        elapsed += time.perf_counter() - start
+        count += 1
+        if budget is not None and (count % 5 == 0 or elapsed >= budget):
+            history.append((elapsed, float(test_metric(model, *p["test"], loss))))
+    return model, count, history, state
+
+
+def header():
+    print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}\n")
+
+
+def part_cg():
+    print("\n## Part 1: CG iterations to relative residual 1e-3\n")
+    print(
+        "| problem | point | λ | none: its | Jacobi: its | KFAC: its | "
+        "none: ms | Jacobi: ms | KFAC: ms | KFAC build: ms |"
+    )
+    print("|---" * 10 + "|")
+    for problem, p in PROBLEMS.items():
+        loss = p["loss"]
+        gn = eqx_ggn.gauss_newton(1.0, loss_fn=loss, cg_maxiter=50, warm_start=True)
+        points = {"init": p["model"]}
+        for n in (40, 200):
+            points[f"{n} GN steps"] = train(problem, gn, True, steps=n)[0]
+        bs = p["batch_size"]
+        batch = {"input": p["train"][0][:bs], "target": p["train"][1][:bs]}
+
+        @eqx.filter_jit
+        def build(model, batch):
+            op = eqx_ggn.curvature_operator(model=model, data=batch, loss_fn=loss)
+            params, static = eqx.partition(model, eqx.is_inexact_array)
+            diagonal = eqx_ggn.exact_diagonal(
+                eqx_ggn.as_model_fn(static), params, batch, loss
+            )
+            return op, diagonal
+
+        @eqx.filter_jit
+        def kfac_eigen(model, batch):
+            factors = eqx_ggn.kfac_factors(model, batch, loss)
+            from eqx_ggn._kfac import eigendecompose
+
+            return eigendecompose(factors)
+
+        @eqx.filter_jit
+        def solve(op, diagonal, eigen, lam, kind):
+            from eqx_ggn._kfac import apply_kfac_inverse
+
+            def mv(v):
+                return jax.tree.map(lambda a, b: a + lam * b, op.mv(v), v)
+
+            precondition = None
+            if kind == "jacobi":
+                precondition = lambda r: jax.tree.map(
+                    lambda x, d: x / (d + lam), r, diagonal
+                )
+            elif kind == "kfac":
+                precondition = lambda r: apply_kfac_inverse(eigen, r, lam)
+            result = cg(
+                mv,
+                op.grad,
+                tol=1e-3,
+                maxiter=2000,
+                preconditioner=precondition,
+                progress_tol=0.0,
+            )
+            return result.num_steps, result.residual_norm
+
+        for point, model in points.items():
+            op, diagonal = build(model, batch)
+            jax.block_until_ready(kfac_eigen(model, batch))
+            start = time.perf_counter()
+            eigen = jax.block_until_ready(kfac_eigen(model, batch))
+            build_ms = 1e3 * (time.perf_counter() - start)
+            for lam in (1e-2, 1e-3, 1e-4):
+                its, ms = {}, {}
+                for kind in ("none", "jacobi", "kfac"):
+                    args_ = (op, diagonal, eigen, jnp.float32(lam), kind)
+                    jax.block_until_ready(solve(*args_))
+                    start = time.perf_counter()
+                    steps_, _ = jax.block_until_ready(solve(*args_))
+                    ms[kind] = 1e3 * (time.perf_counter() - start)
+                    its[kind] = int(steps_)
+                print(
+                    f"| {problem} | {point} | {lam:g} | {its['none']} | "
+                    f"{its['jacobi']} | {its['kfac']} | {ms['none']:.1f} | "
+                    f"{ms['jacobi']:.1f} | {ms['kfac']:.1f} | {build_ms:.1f} |",
+                    flush=True,
+                )
+
+
+def part_time_to_accuracy():
+    print(f"\n## Part 2: time to accuracy, {args.budget:g} s per run\n")
+    for problem, p in PROBLEMS.items():
+        loss = p["loss"]
+        runs = {
+            f"adam {lr:g}": (optax.adam(lr), False) for lr in (1e-3, 3e-3, 1e-2)
+        }
+        runs['solver="kfac"'] = (eqx_ggn.gauss_newton(1.0, loss_fn=loss, solver="kfac"), True)
+        runs['solver="kfac", adaptive_momentum'] = (
+            eqx_ggn.gauss_newton(
+                1.0, loss_fn=loss, solver="kfac", adaptive_momentum=True
+            ),
+            True,
+        )
+        runs['preconditioner="kfac" (CG)'] = (
+            eqx_ggn.gauss_newton(
+                1.0, loss_fn=loss, preconditioner="kfac", cg_maxiter=50
+            ),
+            True,
+        )
+        runs["plain CG (Hessian-free)"] = (
+            eqx_ggn.gauss_newton(1.0, loss_fn=loss, cg_maxiter=50, warm_start=True),
+            True,
+        )
+        metric = "test error" if problem == "autoencoder" else "test loss"
+        marks = [m for m in (1, 2, 5, 10) if m < args.budget] + [args.budget]
+        print(f"\n### {problem} ({metric}, lower is better)\n")
+        extra = " | test acc." if problem == "digits" else ""
+        print(
+            "| optimizer | steps | ms/step | "
+            + " | ".join(f"at {m:g} s" for m in marks)
+            + extra
+            + " |"
+        )
+        print("|---" * (len(marks) + 3 + bool(extra)) + "|")
+        for name, (opt, second_order) in runs.items():
+            model, steps, history, _ = train(problem, opt, second_order, args.budget)
+            cells = [
+                min((e for t, e in history if t <= m), default=float("nan"))
+                for m in marks
+            ]
+            per_step = 1e3 * history[-1][0] / steps
+            acc = ""
+            if problem == "digits":
+                acc = f" | {float(test_accuracy(model, *p['test'])):.3f}"
+            print(
+                f"| {name} | {steps} | {per_step:.1f} | "
+                + " | ".join(f"{c:.4f}" for c in cells)
+                + acc
+                + " |",
+                flush=True,
+            )
+
+
+KFAC_JAX_SCRIPT = textwrap.dedent(
+    """
+    import time
+    import jax, jax.numpy as jnp, numpy as np
+    from sklearn.datasets import load_digits
+    import kfac_jax
+
+    print("kfac-jax", kfac_jax.__version__, "on jax", jax.__version__)
+    d = load_digits()
+    x = jnp.asarray(d.data / 16.0, jnp.float32)[:256]
+    y = jnp.asarray(d.target)[:256]
+
+    def init(key, sizes=(64, 128, 128, 10)):
+        keys = jax.random.split(key, len(sizes) - 1)
+        return [
+            {"w": jax.random.normal(k, (a, b)) / np.sqrt(a), "b": jnp.zeros(b)}
+            for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+        ]
+
+    def model(params, x):
+        for layer in params[:-1]:
+            x = jnp.tanh(x @ layer["w"] + layer["b"])
+        return x @ params[-1]["w"] + params[-1]["b"]
+
+    def loss_fn(params, batch):
+        x, y = batch
+        logits = model(params, x)
+        kfac_jax.register_softmax_cross_entropy_loss(logits, y)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
+
+    opt = kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss_fn),
+        l2_reg=0.0,
+        use_adaptive_learning_rate=True,
+        use_adaptive_momentum=True,
+        use_adaptive_damping=True,
+        initial_damping=1.0,
+        multi_device=False,
+        num_burnin_steps=0,
+    )
+    params, rng = init(jax.random.key(0)), jax.random.key(1)
+    state = opt.init(params, rng, (x, y))
+    print("init: ok (layers found by graph matching)")
+    for i in range(20):
+        params, state, stats = opt.step(
+            params, state, rng, batch=(x, y), global_step_int=i
+        )
+    print("20 steps: loss", float(stats["loss"]))
+    """
+)
+
+
+def part_kfac_jax():
+    print("\n## Part 3: kfac-jax on a plain-JAX MLP (digits, 64-128-128-10)\n")
+    out = subprocess.run(
+        [sys.executable, "-c", KFAC_JAX_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    lines = out.stdout.strip().splitlines()
+    errors = [line for line in out.stderr.strip().splitlines() if line.strip()]
+    for line in lines:
+        print(f"- {line}")
+    if out.returncode != 0:
+        last = errors[-1] if errors else "(no message)"
+        files = [e.strip() for e in errors if e.strip().startswith("File")]
+        where = files[-1] if files else ""
+        print(f"- failed: `{last}`")
+        if where:
+            print(f"- at: `{where}`")
+
+
+header()
+if "1" in args.parts:
+    part_cg()
+if "2" in args.parts:
+    part_time_to_accuracy()
+if "3" in args.parts:
+    part_kfac_jax()
