@@ -221,16 +221,14 @@ def _observe(layer: Any, bias: bool, x: Array, y: Array, probe: _Probe) -> Array
         a = _input_rows(static, x, bias, dtype)
         g = _output_rows(static, cotangent, dtype)
         diagonal = isinstance(static, eqx.nn.Embedding)
-        # A zero that depends on both the input and the cotangent: under `vmap`,
-        # a statistic that depends on neither would not be summed over the
-        # mapped axis.
-        zero = 0 * (jnp.sum(a) + jnp.sum(g))
+        # The use count depends on the input through a zero: under `vmap`, a
+        # constant cotangent would not be summed over the mapped axis.
         stats = _Probe(
-            a_outer=(jnp.sum(a * a, 0) if diagonal else a.T @ a) + zero,
-            g_outer=g.T @ g + zero,
-            a_sum=jnp.sum(a, 0) + zero,
-            g_sum=jnp.sum(g, 0) + zero,
-            uses=a.shape[0] + zero,
+            a_outer=jnp.sum(a * a, 0) if diagonal else a.T @ a,
+            g_outer=g.T @ g,
+            a_sum=jnp.sum(a, 0),
+            g_sum=jnp.sum(g, 0),
+            uses=a.shape[0] + 0 * jnp.sum(a),
         )
         if jnp.issubdtype(x.dtype, jnp.inexact):
             x_cotangent = jnp.zeros_like(x)
@@ -323,6 +321,37 @@ def _sample_output_cotangents(
     return jnp.swapaxes(jax.vmap(columns)(predictions, target), 0, 1)
 
 
+def _expand_outer_products(
+    pullback: Callable,
+    cotangents: Array,
+    shared: list,
+    weight_sharing: str,
+    single: list,
+) -> tuple[list, list]:
+    """The per-use outer products `sum a a^T` and `sum_k g g^T` of every layer, or
+    zeros. They are computed (one pass for `A`, then one per column `k` in
+    sequence, bounding memory) only when some layer is used more than once per
+    sample: otherwise the per-sample sums give the same factors for free."""
+    zeros = ([a for a, _ in shared], [g for _, g in shared])
+    if weight_sharing != "expand" and not any(
+        p.ndim == 1
+        for p, _ in shared  # embeddings always expand
+    ):
+        return zeros
+
+    def outer(_):
+        a_outer = [a for a, _ in pullback(cotangents[0])[0]]
+
+        def column(c):
+            return [g for _, g in pullback(c)[0]]
+
+        g_outer = [jnp.sum(g, 0) for g in jax.lax.map(column, cotangents)]
+        return a_outer, g_outer
+
+    needed = ~jnp.all(jnp.stack(single)) if single else jnp.asarray(False)
+    return jax.lax.cond(needed, outer, lambda _: zeros, None)
+
+
 def curvature_statistics(
     model: PyTree,
     trained: PyTree,
@@ -373,28 +402,40 @@ def curvature_statistics(
 
     predictions, pullback = jax.vjp(predict, shared, per_sample, batched)
     cotangents = _sample_output_cotangents(loss_fn, curvature, predictions, target, key)
-    shared_ct, sample_ct, others_ct = jax.vmap(pullback)(cotangents)
+    # The per-sample sums (cheap: no outer products), one pass per column k.
+    sample_ct, others_ct = jax.vmap(lambda c: pullback(c)[1:])(cotangents)
     if factor is None:
         factor = 1.0 / num_samples
     total = lambda x: x if axis_name is None else jax.lax.psum(x, axis_name)
+    uses = [total(jnp.sum(u[0])) for _, _, u in sample_ct]
+    single = [u == total(jnp.asarray(num_samples, u.dtype)) for u in uses]
+    single = [
+        s & jnp.all(ct[2][0] == 1) for s, ct in zip(single, sample_ct, strict=True)
+    ]
+    a_outer, g_outer = _expand_outer_products(
+        pullback, cotangents, shared, weight_sharing, single
+    )
 
     blocks = []
-    for spec, (a_outer, g_outer), (a_sum, g_sum, uses) in zip(
-        specs, shared_ct, sample_ct, strict=True
+    for spec, (a_sum, g_sum, count), outer_a, outer_g, once, used in zip(
+        specs, sample_ct, a_outer, g_outer, single, uses, strict=True
     ):
         dtype = _stat_dtype(spec)
         scale = jnp.asarray(factor, dtype)
-        a_outer, a_sum, uses = a_outer[0], a_sum[0], uses[0]  # the same for every k
-        expand = weight_sharing == "expand" or isinstance(spec, eqx.nn.Embedding)
-        if expand:
-            a = total(a_outer) / jnp.maximum(total(jnp.sum(uses)), 1)
-            g = scale * total(jnp.sum(g_outer, 0))
+        a_sum, count = a_sum[0], count[0]  # the same for every k
+        n = total(jnp.asarray(num_samples, dtype))
+        mean_input = a_sum / jnp.maximum(count, 1)[:, None]
+        embedding = isinstance(spec, eqx.nn.Embedding)
+        if embedding:
+            a = total(jnp.sum(jnp.square(mean_input), 0)) / n
         else:
-            mean_input = a_sum / jnp.maximum(uses, 1)[:, None]
-            a = total(mean_input.T @ mean_input) / total(
-                jnp.asarray(num_samples, dtype)
-            )
-            g = scale * total(jnp.einsum("knm,knl->ml", g_sum, g_sum))
+            a = total(mean_input.T @ mean_input) / n
+        g = scale * total(jnp.einsum("knm,knl->ml", g_sum, g_sum))
+        if weight_sharing == "expand" or embedding:
+            # Used once per sample, expand equals the sums above; otherwise the
+            # per-use outer products.
+            a = jnp.where(once, a, total(outer_a) / jnp.maximum(used, 1))
+            g = jnp.where(once, g, scale * total(outer_g))
         blocks.append(KroneckerFactor(a, g))
 
     def diagonal(ct):
