@@ -10,16 +10,18 @@ Two problems, both from the examples (scikit-learn digits, no download):
 
 Part 1, CG iterations: at the initial parameters and after 40 and 200 steps of
 plain Gauss-Newton training, CG on `(GGN + λ I) d = g` to relative residual 1e-3
-(no progress test, at most 2,000 iterations), for λ = 1e-2, 1e-3, 1e-4: no
+(no progress test, at most 5,000 iterations), for λ = 1e-2, 1e-3, 1e-4: no
 preconditioner, Jacobi with the exact GGN diagonal, and the damped KFAC inverse
 (exact GGN factors of the same batch). The wall time is one jitted solve;
 building the KFAC inverse (factors and eigendecompositions) is timed apart.
 
-Part 2, time to accuracy, untuned settings: `solver="kfac"` (defaults), with
+Part 2, time to accuracy, untuned settings: `solver="kfac"` (defaults: exact GGN
+factors), with `curvature="fisher"` (sampled labels), with
 `adaptive_momentum=True`, `preconditioner="kfac"` (CG, `cg_maxiter=50`) and plain
 CG (Hessian-free as in the example), against Adam at learning rates 1e-3, 3e-3
 and 1e-2 (the best one is the baseline). Equal wall-clock budgets, compilation
-excluded.
+excluded. The table gives the best test metric reached by each time, and the
+final training objective on the whole training set.
 
 Part 3: kfac-jax's optimizer on a plain-JAX MLP, in a subprocess: its version and
 its result or error.
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import equinox as eqx
 import jax
@@ -45,12 +48,15 @@ from sklearn.datasets import load_digits
 
 import eqx_ggn
 from eqx_ggn._cg import cg
+from eqx_ggn._kfac import apply_kfac_inverse, eigendecompose
 
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--budget", type=float, default=20.0, help="seconds per run")
 parser.add_argument("--parts", default="123", help="which parts to run")
 args = parser.parse_args()
+# Mini-batch noise rejects runs of steps near convergence; the count is in the state.
+warnings.simplefilter("ignore", eqx_ggn.GaussNewtonWarning)
 
 digits = load_digits()
 order = np.random.default_rng(0).permutation(len(digits.target))
@@ -159,10 +165,10 @@ def header():
 def part_cg():
     print("\n## Part 1: CG iterations to relative residual 1e-3\n")
     print(
-        "| problem | point | λ | none: its | Jacobi: its | KFAC: its | "
+        "| problem | point | λ | none: its | Jacobi: its | KFAC: its | none / KFAC | "
         "none: ms | Jacobi: ms | KFAC: ms | KFAC build: ms |"
     )
-    print("|---" * 10 + "|")
+    print("|---" * 11 + "|")
     for problem, p in PROBLEMS.items():
         loss = p["loss"]
         gn = eqx_ggn.gauss_newton(1.0, loss_fn=loss, cg_maxiter=50, warm_start=True)
@@ -173,7 +179,7 @@ def part_cg():
         batch = {"input": p["train"][0][:bs], "target": p["train"][1][:bs]}
 
         @eqx.filter_jit
-        def build(model, batch):
+        def build(model, batch, loss=loss):
             op = eqx_ggn.curvature_operator(model=model, data=batch, loss_fn=loss)
             params, static = eqx.partition(model, eqx.is_inexact_array)
             diagonal = eqx_ggn.exact_diagonal(
@@ -182,16 +188,11 @@ def part_cg():
             return op, diagonal
 
         @eqx.filter_jit
-        def kfac_eigen(model, batch):
-            factors = eqx_ggn.kfac_factors(model, batch, loss)
-            from eqx_ggn._kfac import eigendecompose
-
-            return eigendecompose(factors)
+        def kfac_eigen(model, batch, loss=loss):
+            return eigendecompose(eqx_ggn.kfac_factors(model, batch, loss))
 
         @eqx.filter_jit
         def solve(op, diagonal, eigen, lam, kind):
-            from eqx_ggn._kfac import apply_kfac_inverse
-
             def mv(v):
                 return jax.tree.map(lambda a, b: a + lam * b, op.mv(v), v)
 
@@ -206,7 +207,7 @@ def part_cg():
                 mv,
                 op.grad,
                 tol=1e-3,
-                maxiter=2000,
+                maxiter=5000,
                 preconditioner=precondition,
                 progress_tol=0.0,
             )
@@ -229,7 +230,8 @@ def part_cg():
                     its[kind] = int(steps_)
                 print(
                     f"| {problem} | {point} | {lam:g} | {its['none']} | "
-                    f"{its['jacobi']} | {its['kfac']} | {ms['none']:.1f} | "
+                    f"{its['jacobi']} | {its['kfac']} | "
+                    f"{its['none'] / its['kfac']:.1f}x | {ms['none']:.1f} | "
                     f"{ms['jacobi']:.1f} | {ms['kfac']:.1f} | {build_ms:.1f} |",
                     flush=True,
                 )
@@ -239,10 +241,15 @@ def part_time_to_accuracy():
     print(f"\n## Part 2: time to accuracy, {args.budget:g} s per run\n")
     for problem, p in PROBLEMS.items():
         loss = p["loss"]
-        runs = {
-            f"adam {lr:g}": (optax.adam(lr), False) for lr in (1e-3, 3e-3, 1e-2)
-        }
-        runs['solver="kfac"'] = (eqx_ggn.gauss_newton(1.0, loss_fn=loss, solver="kfac"), True)
+        runs = {f"adam {lr:g}": (optax.adam(lr), False) for lr in (1e-3, 3e-3, 1e-2)}
+        runs['solver="kfac"'] = (
+            eqx_ggn.gauss_newton(1.0, loss_fn=loss, solver="kfac"),
+            True,
+        )
+        runs['solver="kfac", curvature="fisher"'] = (
+            eqx_ggn.gauss_newton(1.0, loss_fn=loss, solver="kfac", curvature="fisher"),
+            True,
+        )
         runs['solver="kfac", adaptive_momentum'] = (
             eqx_ggn.gauss_newton(
                 1.0, loss_fn=loss, solver="kfac", adaptive_momentum=True
@@ -262,14 +269,14 @@ def part_time_to_accuracy():
         metric = "test error" if problem == "autoencoder" else "test loss"
         marks = [m for m in (1, 2, 5, 10) if m < args.budget] + [args.budget]
         print(f"\n### {problem} ({metric}, lower is better)\n")
-        extra = " | test acc." if problem == "digits" else ""
+        extra = " | train loss" + (" | test acc." if problem == "digits" else "")
         print(
             "| optimizer | steps | ms/step | "
             + " | ".join(f"at {m:g} s" for m in marks)
             + extra
             + " |"
         )
-        print("|---" * (len(marks) + 3 + bool(extra)) + "|")
+        print("|---" * (len(marks) + 4 + (problem == "digits")) + "|")
         for name, (opt, second_order) in runs.items():
             model, steps, history, _ = train(problem, opt, second_order, args.budget)
             cells = [
@@ -277,9 +284,9 @@ def part_time_to_accuracy():
                 for m in marks
             ]
             per_step = 1e3 * history[-1][0] / steps
-            acc = ""
+            acc = f" | {float(objective(model, *p['train'], loss)):.4f}"
             if problem == "digits":
-                acc = f" | {float(test_accuracy(model, *p['test'])):.3f}"
+                acc += f" | {float(test_accuracy(model, *p['test'])):.3f}"
             print(
                 f"| {name} | {steps} | {per_step:.1f} | "
                 + " | ".join(f"{c:.4f}" for c in cells)
@@ -356,7 +363,8 @@ def part_kfac_jax():
     for line in lines:
         print(f"- {line}")
     if out.returncode != 0:
-        last = errors[-1] if errors else "(no message)"
+        messages = [e for e in errors if "Error" in e.split(":")[0]]
+        last = messages[-1] if messages else (errors[-1] if errors else "?")
         files = [e.strip() for e in errors if e.strip().startswith("File")]
         where = files[-1] if files else ""
         print(f"- failed: `{last}`")
