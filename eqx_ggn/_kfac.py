@@ -408,10 +408,15 @@ def curvature_statistics(
         factor = 1.0 / num_samples
     total = lambda x: x if axis_name is None else jax.lax.psum(x, axis_name)
     uses = [total(jnp.sum(u[0])) for _, _, u in sample_ct]
-    single = [u == total(jnp.asarray(num_samples, u.dtype)) for u in uses]
+
+    def on_every_shard(flag):
+        if axis_name is None:
+            return flag
+        return jax.lax.pmin(flag.astype(jnp.int32), axis_name).astype(bool)
+
     single = [
-        s & jnp.all(ct[2][0] == 1) for s, ct in zip(single, sample_ct, strict=True)
-    ]
+        on_every_shard(jnp.all(ct[2][0] == 1)) for ct in sample_ct
+    ]  # every sample uses the layer once
     a_outer, g_outer = _expand_outer_products(
         pullback, cotangents, shared, weight_sharing, single
     )

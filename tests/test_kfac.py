@@ -182,6 +182,39 @@ def test_conv_factors_equal_explicit_im2col(x64, weight_sharing):
     assert_rel_close(factors.g, g, 1e-10)
 
 
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv_as_the_last_layer_is_exact_under_mse(x64, dims):
+    """Conv1d and Conv3d as the whole model under mse: every output position is
+    its own output, so KFAC-expand equals the dense GGN block."""
+    conv = to_f64(
+        eqx.nn.Conv(
+            dims,
+            2,
+            2,
+            2,
+            stride=2 if dims == 1 else 1,
+            padding=1,
+            key=jax.random.key(0),
+        )
+    )
+    shape = (5,) if dims == 1 else (3, 2, 3)
+    x = jax.random.normal(jax.random.key(1), (3, 2, *shape))
+    out = jax.vmap(conv)(x).reshape(3, -1)
+    batch = {"input": x, "target": jnp.zeros_like(out)}
+
+    class Flat(eqx.Module):
+        conv: eqx.nn.Conv
+
+        def __call__(self, x):
+            return self.conv(x).reshape(-1)
+
+    flat = Flat(conv)
+    block = kfac_factors(flat, batch, "mse").conv
+    dense, index = _dense_ggn(flat, batch, "mse")
+    rows = _kron_indices(index.conv)
+    assert_rel_close(jnp.kron(block.g, block.a), dense[jnp.ix_(rows, rows)], 1e-10)
+
+
 def test_scan_and_vmap_weight_sharing_expand(x64):
     """A Linear cell reused by `lax.scan` and an Embedding under `vmap`, inside
     `eqx.filter_jit`: the expand factors equal explicit per-step sums."""
