@@ -677,6 +677,10 @@ def kfac_inverse(factors: PyTree, damping: float | Float[Array, ""]) -> Callable
             lambda m: jnp.mean(jnp.sum(jax.vmap(m)(x) ** 2, axis=1))
         )(mlp)
         step = eqx_ggn.kfac_inverse(factors, 1e-3)(grad)  # like the gradient
+        flat = lambda t: jax.flatten_util.ravel_pytree(
+            eqx.filter(t, eqx.is_inexact_array)
+        )[0]
+        assert flat(step) @ flat(grad) > 0  # a descent direction
         ```
     """
     eigen = eigendecompose(factors)

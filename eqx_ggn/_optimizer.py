@@ -122,6 +122,7 @@ class _Config(eqx.Module, strict=True):
     warm_start: bool
     preconditioner: str | None
     weight_sharing: str
+    heavy_ball: bool
     adaptive_momentum: bool
     vmap_over_data: bool
     num_microbatches: int
@@ -167,6 +168,11 @@ class _Config(eqx.Module, strict=True):
                 "or a Fisher of a model applied per sample; it needs curvature "
                 f"'ggn', 'fisher' or 'empirical_fisher' (got {self.curvature!r}) "
                 f"and vmap_over_data=True (got {self.vmap_over_data})."
+            )
+        if self.heavy_ball and self.adaptive_momentum:
+            raise ValueError(
+                "Set momentum or adaptive_momentum, not both: adaptive_momentum "
+                "chooses the momentum coefficient itself."
             )
         if self.adaptive_momentum and self.solver != "kfac":
             raise ValueError(
@@ -307,6 +313,35 @@ def _jacobi_preconditioner(
     return diagonal, precondition
 
 
+def _initial_state(
+    config: _Config, params: PyTree, damping: Any
+) -> ScaleByGaussNewtonState:
+    """The state before the first step; a buffer only for each feature that is on."""
+
+    def zeros():
+        return jax.tree.map(jnp.zeros_like, params)
+
+    return ScaleByGaussNewtonState(
+        count=jnp.zeros([], jnp.int32),
+        damping=jnp.asarray(damping, jnp.float32),
+        loss=jnp.asarray(jnp.nan, jnp.float32),
+        cg_iterations=jnp.zeros([], jnp.int32),
+        cg_residual=jnp.asarray(jnp.nan, jnp.float32),
+        cg_stop_reason=jnp.asarray(-1, jnp.int32),
+        reduction_ratio=jnp.asarray(jnp.nan, jnp.float32),
+        accepted=jnp.asarray(True),
+        solver=jnp.asarray(-1, jnp.int32),
+        step_size=jnp.asarray(jnp.nan, jnp.float32),
+        rejected_steps=jnp.zeros([], jnp.int32),
+        loss_scale=jnp.zeros([], jnp.float32),
+        warned=jnp.asarray(False),
+        solution=zeros() if config.warm_start else None,
+        diagonal=zeros() if config.preconditioner == "jacobi" else None,
+        momentum=zeros() if config.heavy_ball or config.adaptive_momentum else None,
+        kfac=_init_kfac(params) if config.uses_kfac else None,
+    )
+
+
 def _init_kfac(params: PyTree) -> KFACState:
     factors = zero_factors(params)
     return KFACState(factors, eigendecompose(factors))
@@ -356,17 +391,50 @@ def _preconditioner(
     return state.diagonal, kfac, lambda r: apply_kfac_inverse(kfac.eigen, r, damping)
 
 
+def _solve(
+    config: _Config,
+    solver: str,
+    op: CurvatureOperator,
+    rhs: PyTree,
+    damping: Float[Array, ""],
+    state: ScaleByGaussNewtonState,
+    preconditioner: Callable | None,
+    cg_options: tuple[Any, Any, Any, Any],
+) -> tuple[CGResult, PyTree | None]:
+    """`(C + λ I)^{-1} rhs` by the named solver (CG warm-started when asked), and
+    for KFAC the rescaled step; also `C d` when it is known (KFAC), else `None`."""
+    maxiter, tol, progress_tol, warm_start_decay = cg_options
+    x0 = None
+    if config.warm_start:
+        x0 = jax.tree.map(lambda s: warm_start_decay * s, state.solution)
+    result = solve_with(
+        solver,
+        op,
+        rhs,
+        damping,
+        maxiter,
+        tol,
+        x0=x0,
+        preconditioner=preconditioner,
+        progress_tol=progress_tol,
+    )
+    if solver != "kfac":
+        return result, None
+    previous = state.momentum if config.adaptive_momentum else None
+    return _rescale_kfac_step(op, rhs, result.value, previous, damping)
+
+
 def _rescale_kfac_step(
     op: CurvatureOperator,
     grad: PyTree,
     direction: PyTree,
     previous: PyTree | None,
     damping: Float[Array, ""],
-) -> tuple[PyTree, PyTree, Any]:
+) -> tuple[CGResult, PyTree]:
     """Martens and Grosse's rescaling: the KFAC direction (and with adaptive
     momentum the previous step) scaled to minimize the exact damped quadratic
-    model, from one (two) curvature products. Returns the step, `C` times it, and
-    the solve's result with the step's relative residual."""
+    model, from one (two) curvature products. Returns the step as a solve's
+    result, with its relative residual, and `C` times the step."""
     directions = [direction] if previous is None else [direction, previous]
     products = [op.mv(d) for d in directions]
     c = quadratic_model_coefficients(grad, directions, products, damping)
@@ -395,7 +463,7 @@ def _rescale_kfac_step(
         stop_reason=jnp.asarray(CGStop.CONVERGED, jnp.int32),
         residual_norm=jnp.asarray(norm, jnp.float32),
     )
-    return step, curvature_step, result
+    return result, curvature_step
 
 
 def _operator_for_step(
@@ -633,14 +701,6 @@ def scale_by_gauss_newton(
     that raises it, at the price of one more forward pass and one more product per
     step. Opt out with `adaptive_damping=False` for a fixed damping.
 
-    - `curvature="ggn"`: Gauss-Newton (with `adaptive_damping`, Levenberg-Marquardt).
-    - `curvature="fisher"`: the **natural gradient**; for the built-in losses the
-      Fisher is the GGN, so this is the same step under its other name (for a
-      callable loss, too: the matrix is `J^T H J` with `H` the loss Hessian).
-    - `curvature="hessian"`: Hessian-free (truncated Newton); CG stops at the first
-      direction of non-positive curvature and returns the last good iterate.
-    - `curvature="empirical_fisher"`: `factor * sum_i g_i g_i^T`.
-
     `update(updates, state, params, *, model_fn=None, model=None, batch=None,
     operator=None, **extra_args)`: `batch = {"input": X, "target": Y}`, and
     `model_fn(input=, params=)` or, for an Equinox user, `model=` the module itself
@@ -656,7 +716,12 @@ def scale_by_gauss_newton(
     - `loss_fn`: `"mse"`, `"cross_entropy"`, `"binary_cross_entropy"`, `"none"` or a
         callable `loss(pred, target) -> scalar` for one sample. Cross-entropy losses
         take **logits**, not probabilities.
-    - `curvature`: `"ggn"` | `"fisher"` | `"empirical_fisher"` | `"hessian"`.
+    - `curvature`: `"ggn"` (Gauss-Newton; Levenberg-Marquardt with
+        `adaptive_damping`), `"fisher"` (the **natural gradient**: for the built-in
+        losses, and as `J^T H J` for a callable one, the same matrix as the GGN;
+        KFAC samples its labels), `"empirical_fisher"` (`factor * sum_i g_i g_i^T`)
+        or `"hessian"` (Hessian-free: CG stops at non-positive curvature and
+        returns the last good iterate).
     - `solver`: how `(C + λ I) d = g` is solved: `"cg"` (default, matrix-free),
         `"dense"` (the `P x P` matrix from per-sample Jacobians, Cholesky),
         `"sample_space"` (the `(N O) x (N O)` kernel and the push-through
@@ -777,6 +842,8 @@ def scale_by_gauss_newton(
         warm_start=warm_start,
         preconditioner=preconditioner,
         weight_sharing=weight_sharing,
+        heavy_ball=momentum is not None
+        and not (_is_number(momentum) and momentum == 0),
         adaptive_momentum=adaptive_momentum,
         vmap_over_data=vmap_over_data,
         num_microbatches=1 if num_microbatches is None else num_microbatches,
@@ -800,12 +867,6 @@ def scale_by_gauss_newton(
         damping_increase=(damping_increase, 1, float("inf")),
         warn_after=(warn_after, 1, float("inf")),
     )
-    use_momentum = momentum is not None and not (_is_number(momentum) and momentum == 0)
-    if use_momentum and adaptive_momentum:
-        raise ValueError(
-            "Set momentum or adaptive_momentum, not both: adaptive_momentum chooses "
-            "the momentum coefficient itself."
-        )
     lm_constants = {
         "lower_threshold": lower_threshold,
         "upper_threshold": upper_threshold,
@@ -816,28 +877,7 @@ def scale_by_gauss_newton(
     }
 
     def init_fn(params: PyTree) -> ScaleByGaussNewtonState:
-        def zeros():
-            return jax.tree.map(jnp.zeros_like, params)
-
-        return ScaleByGaussNewtonState(
-            count=jnp.zeros([], jnp.int32),
-            damping=jnp.asarray(damping, jnp.float32),
-            loss=jnp.asarray(jnp.nan, jnp.float32),
-            cg_iterations=jnp.zeros([], jnp.int32),
-            cg_residual=jnp.asarray(jnp.nan, jnp.float32),
-            cg_stop_reason=jnp.asarray(-1, jnp.int32),
-            reduction_ratio=jnp.asarray(jnp.nan, jnp.float32),
-            accepted=jnp.asarray(True),
-            solver=jnp.asarray(-1, jnp.int32),
-            step_size=jnp.asarray(jnp.nan, jnp.float32),
-            rejected_steps=jnp.zeros([], jnp.int32),
-            loss_scale=jnp.zeros([], jnp.float32),
-            warned=jnp.asarray(False),
-            solution=zeros() if config.warm_start else None,
-            diagonal=zeros() if config.preconditioner == "jacobi" else None,
-            momentum=zeros() if use_momentum or config.adaptive_momentum else None,
-            kfac=_init_kfac(params) if config.uses_kfac else None,
-        )
+        return _initial_state(config, params, damping)
 
     def update_fn(
         updates: PyTree,
@@ -868,26 +908,17 @@ def scale_by_gauss_newton(
             solve_lam,
             (diagonal_decay, kfac_decay, kfac_inverse_every),
         )
-        x0 = None
-        if config.warm_start:
-            x0 = jax.tree.map(lambda s: warm_start_decay * s, state.solution)
-        result = solve_with(
+        result, curvature_direction = _solve(
+            config,
             solver_name,
             op,
             updates,
             solve_lam,
-            cg_maxiter,
-            cg_tol,
-            x0=x0,
-            preconditioner=precond,
-            progress_tol=cg_progress_tol,
+            state,
+            precond,
+            (cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay),
         )
-        direction, curvature_direction = result.value, None
-        if solver_name == "kfac":
-            previous = state.momentum if config.adaptive_momentum else None
-            direction, curvature_direction, result = _rescale_kfac_step(
-                op, updates, direction, previous, solve_lam
-            )
+        direction = result.value
         finite = (
             tree_all_finite(direction)
             & tree_all_finite(updates)
@@ -928,7 +959,7 @@ def scale_by_gauss_newton(
             )
 
         step, momentum_buffer, solution = _buffers(
-            config, state, direction, accepted, momentum if use_momentum else None
+            config, state, direction, accepted, momentum if config.heavy_ball else None
         )
         new_state = ScaleByGaussNewtonState(
             count=state.count + 1,
