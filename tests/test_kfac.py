@@ -491,7 +491,7 @@ def test_frozen_stateful_and_bfloat16_models_in_the_optimizer():
             assert jnp.array_equal(a, b)
 
 
-def test_kfac_errors():
+def test_kfac_errors(x64):
     model, batch = _least_squares()
     params = eqx.filter(model, eqx.is_inexact_array)
     opt = eqx_ggn.scale_by_gauss_newton("mse", solver="kfac")
