@@ -247,6 +247,9 @@ class _Tap(eqx.Module):
     probe: _Probe
     bias: bool = eqx.field(static=True)
 
+    def __getattr__(self, name):  # the layer's fields, e.g. `in_features`
+        return getattr(self.layer, name)
+
     def __call__(self, x, *args, **kwargs):
         return _observe(
             self.layer, self.bias, x, self.layer(x, *args, **kwargs), self.probe
@@ -523,10 +526,9 @@ def kfac_factors(
         assert jnp.allclose(last.g, 2 * jnp.eye(2))
         ```
     """
-    trained = eqx.filter(model, filter_spec)
-    return curvature_statistics(
+    return _jitted_statistics(
         model,
-        trained,
+        eqx.filter(model, filter_spec),
         batch,
         loss_fn,
         curvature=curvature,
@@ -534,6 +536,10 @@ def kfac_factors(
         factor=factor,
         key=key,
     )
+
+
+# One compiled program for callers outside `jit` (inlined under the caller's jit).
+_jitted_statistics = eqx.filter_jit(curvature_statistics)
 
 
 def _is_block(x: Any) -> bool:
@@ -553,6 +559,25 @@ def zero_factors(trained: PyTree) -> PyTree:
         return jnp.zeros(leaf.shape, jnp.result_type(jnp.float32, leaf))
 
     return _map_blocks(zero_block, zero_diagonal, trained, trained)
+
+
+def zero_state(trained: PyTree) -> KFACState:
+    """Zero factors and their eigendecompositions (zero eigenvalues, identity
+    eigenvectors, so no factorization is run), shaped for the trained parameters."""
+    factors = zero_factors(trained)
+
+    def eigen(block):
+        if not isinstance(block, KroneckerFactor):
+            return block
+        n, m = block.a.shape[0], block.g.shape[0]
+        a_vectors = None if block.a.ndim == 1 else jnp.eye(n, dtype=block.a.dtype)
+        g_vectors = jnp.eye(m, dtype=block.g.dtype)
+        a_values = jnp.zeros(n, block.a.dtype)
+        return KroneckerEigen(
+            a_values, a_vectors, jnp.zeros(m, block.g.dtype), g_vectors
+        )
+
+    return KFACState(factors, jax.tree.map(eigen, factors, is_leaf=_is_block))
 
 
 def eigendecompose(factors: PyTree) -> PyTree:

@@ -19,9 +19,8 @@ from ._kfac import (
     KFACState,
     apply_kfac_inverse,
     curvature_statistics,
-    eigendecompose,
     update_kfac_state,
-    zero_factors,
+    zero_state,
 )
 from ._losses import LossFn, resolve_loss
 from ._operator import (
@@ -173,6 +172,11 @@ class _Config(eqx.Module, strict=True):
             raise ValueError(
                 "Set momentum or adaptive_momentum, not both: adaptive_momentum "
                 "chooses the momentum coefficient itself."
+            )
+        if self.solver == "kfac" and self.preconditioner == "jacobi":
+            raise ValueError(
+                "solver='kfac' applies the KFAC inverse itself; use "
+                "preconditioner=None (or 'kfac') with it, not 'jacobi'."
             )
         if self.adaptive_momentum and self.solver != "kfac":
             raise ValueError(
@@ -338,13 +342,8 @@ def _initial_state(
         solution=zeros() if config.warm_start else None,
         diagonal=zeros() if config.preconditioner == "jacobi" else None,
         momentum=zeros() if config.heavy_ball or config.adaptive_momentum else None,
-        kfac=_init_kfac(params) if config.uses_kfac else None,
+        kfac=zero_state(params) if config.uses_kfac else None,
     )
-
-
-def _init_kfac(params: PyTree) -> KFACState:
-    factors = zero_factors(params)
-    return KFACState(factors, eigendecompose(factors))
 
 
 def _preconditioner(

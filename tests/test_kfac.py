@@ -505,6 +505,8 @@ def test_kfac_errors(x64):
         )
     with pytest.raises(ValueError, match="curvature 'ggn', 'fisher'"):
         eqx_ggn.scale_by_gauss_newton("mse", solver="kfac", curvature="hessian")
+    with pytest.raises(ValueError, match="not 'jacobi'"):
+        eqx_ggn.scale_by_gauss_newton("mse", solver="kfac", preconditioner="jacobi")
     with pytest.raises(ValueError, match="adaptive_momentum"):
         eqx_ggn.scale_by_gauss_newton("mse", adaptive_momentum=True)
     with pytest.raises(ValueError, match="weight_sharing"):
