@@ -114,9 +114,9 @@ def test_throw_names_the_first_non_finite_cause(case, message):
         jax.block_until_ready(update(grads, opt.init(params), params, batch))
     # Without the flag the same step is a safe rejection.
     quiet = eqx_ggn.gauss_newton(1.0, loss_fn=loss_fn, damping=damping, cg_maxiter=5)
-    updates, state = quiet.update(
-        grads, quiet.init(params), params, model_fn=model_fn, batch=batch
-    )
+    updates, state = jax.jit(
+        lambda g, s, p, b: quiet.update(g, s, p, model_fn=model_fn, batch=b)
+    )(grads, quiet.init(params), params, batch)
     assert not bool(state[0].accepted)
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 
