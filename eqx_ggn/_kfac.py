@@ -694,13 +694,17 @@ def kfac_inverse(factors: PyTree, damping: float | Float[Array, ""]) -> Callable
         import jax, jax.numpy as jnp
         import eqx_ggn
 
-        mlp = eqx.nn.MLP(3, 2, 8, 1, key=jax.random.key(0))
-        x = jax.random.normal(jax.random.key(1), (32, 3))
+        k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+        net = eqx.nn.Sequential(
+            [eqx.nn.Linear(3, 8, key=k1), eqx.nn.Lambda(jnp.tanh),
+             eqx.nn.Linear(8, 2, key=k2)]
+        )
+        x = jax.random.normal(k3, (32, 3))
         batch = {"input": x, "target": jnp.zeros((32, 2))}
-        factors = eqx_ggn.kfac_factors(mlp, batch, "mse")
+        factors = eqx_ggn.kfac_factors(net, batch, "mse")
         grad = eqx.filter_grad(
             lambda m: jnp.mean(jnp.sum(jax.vmap(m)(x) ** 2, axis=1))
-        )(mlp)
+        )(net)
         step = eqx_ggn.kfac_inverse(factors, 1e-3)(grad)  # like the gradient
         flat = lambda t: jax.flatten_util.ravel_pytree(
             eqx.filter(t, eqx.is_inexact_array)
