@@ -34,6 +34,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._losses import LossFn, loss_hessian_root, resolve_loss
+from ._operator import vary_over_shards
 
 
 WEIGHT_SHARING = ("expand", "reduce")
@@ -386,6 +387,10 @@ def curvature_statistics(
     per_sample = [(p.a_sum, p.g_sum, p.uses) for p in shared]
     shared = [(p.a_outer, p.g_outer) for p in shared]
     batched = [jnp.broadcast_to(x, (num_samples, *x.shape)) for x in others]
+    # Under shard_map each shard's statistics differ: the probes vary with it.
+    shared, per_sample, batched = vary_over_shards(
+        (shared, per_sample, batched), axis_name
+    )
 
     def predict(shared, per_sample, batched):
         def one(x, sample_probes, sample_others):

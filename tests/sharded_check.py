@@ -26,6 +26,7 @@ SPECS = {
     "micro": ((REP, SPLIT, REP), (REP, SPLIT)),
     "step": ((REP, SPLIT), (REP, REP)),
     "dense_step": ((REP, SPLIT), (REP, REP)),
+    "kfac_step": ((REP, SPLIT), (REP, REP)),
     "monitor": ((REP, SPLIT), (REP, REP)),
 }
 
@@ -35,7 +36,7 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def programs(model_fn, axis_name=None):
+def programs(model_fn, static, axis_name=None):
     """The computations under test; with `axis_name`, written per device."""
     mapped = {} if axis_name is None else {"axis_name": axis_name}
 
@@ -90,6 +91,16 @@ def programs(model_fn, axis_name=None):
         )
         return optax.apply_updates(params, updates), state[0].accepted
 
+    kfac = eqx_ggn.gauss_newton(1.0, loss_fn="cross_entropy", solver="kfac", **mapped)
+
+    def kfac_step(params, batch):  # per-shard factor sums, one psum each
+        grads = jax.grad(loss)(params, batch)
+        model = eqx.combine(params, static)
+        updates, state = kfac.update(
+            grads, kfac.init(params), params, model=model, batch=batch
+        )
+        return optax.apply_updates(params, updates), state[0].accepted
+
     monitor = eqx_ggn.CurvatureMonitor(
         loss_fn="cross_entropy", every=1, top_k=2, **mapped
     )
@@ -103,6 +114,7 @@ def programs(model_fn, axis_name=None):
         "micro": micro,
         "step": step,
         "dense_step": dense_step,
+        "kfac_step": kfac_step,
         "monitor": monitored,
     }
 
@@ -138,6 +150,8 @@ def compare(out, single, params):
         "accepted": bool(out["step"][1]) and bool(single["step"][1]),
         "dense_step": rel(taken(out["dense_step"][0]), taken(single["dense_step"][0])),
         "dense_accepted": bool(out["dense_step"][1]) and bool(single["dense_step"][1]),
+        "kfac_step": rel(taken(out["kfac_step"][0]), taken(single["kfac_step"][0])),
+        "kfac_accepted": bool(out["kfac_step"][1]) and bool(single["kfac_step"][1]),
         "lambda_max": rel(out["monitor"][0], single["monitor"][0]),
         "trace": rel(out["monitor"][1], single["monitor"][1]),
     }
@@ -173,7 +187,8 @@ def main():
             )
         )
 
-    plain, per_device = programs(model_fn), programs(model_fn, axis_name="data")
+    plain = programs(model_fn, static)
+    per_device = programs(model_fn, static, axis_name="data")
     single = run(plain, jitted, params, batch, v)
     sharded = run(plain, jitted, sharded_params, sharded_batch, v)
     mapped = run(per_device, shard_mapped, sharded_params, sharded_batch, v)

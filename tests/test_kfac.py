@@ -21,8 +21,9 @@ kfac_factors = eqx.filter_jit(eqx_ggn.kfac_factors)
 
 
 @eqx.filter_jit
-def apply_inverse(factors, damping, vector):
-    return eqx_ggn.kfac_inverse(factors, damping)(vector)
+def factors_and_inverse(model, batch, damping, vector):
+    factors = eqx_ggn.kfac_factors(model, batch, "mse")
+    return factors, eqx_ggn.kfac_inverse(factors, damping)(vector)
 
 
 class Net(eqx.Module):
@@ -261,11 +262,10 @@ def test_inverse_equals_solve_on_the_dense_kronecker_matrix(x64):
     for model, x in models:
         model = to_f64(model)
         batch = {"input": x, "target": jnp.zeros((x.shape[0], 2))}
-        factors = kfac_factors(model, batch, "mse")
         params = eqx.filter(model, eqx.is_inexact_array)
         flat, unravel = ravel_pytree(params)
         vector = unravel(jax.random.normal(jax.random.key(6), flat.shape))
-        out = apply_inverse(factors, damping, vector)
+        factors, out = factors_and_inverse(model, batch, damping, vector)
 
         def check(b, v, o, kinds=seen):
             if not isinstance(b, eqx_ggn.KroneckerFactor):

@@ -42,9 +42,12 @@ def test_sharded_batch_matches_single_device():
     assert result["accepted"] and result["step"] <= 1e-5, result
     assert result["shard_map_accepted"] and result["shard_map_step"] <= 1e-5, result
     # solver="dense": per-shard A^T A and one psum, or XLA's own sums under jit.
+    # solver="kfac": factor sums psummed over the shards (shard_map) or by XLA.
     for prefix in ("", "shard_map_"):
         assert result[f"{prefix}dense_accepted"], result
         assert result[f"{prefix}dense_step"] <= 1e-5, result
+        assert result[f"{prefix}kfac_accepted"], result
+        assert result[f"{prefix}kfac_step"] <= 1e-5, result
     # A NaN in one shard is a rejection on every device, parameters untouched.
     assert not result["shard_map_nan_accepted"], result
     assert result["shard_map_nan_params_unchanged"], result
