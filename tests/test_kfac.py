@@ -106,7 +106,7 @@ def _dense_ggn(model, batch, loss_fn):
 def _kron_indices(index_layer):
     """Flat indices of a layer's parameters in the `kron(g, a)` order."""
     matrix, _ = _layer_matrix(index_layer)
-    return matrix.astype(int).reshape(-1)
+    return np.asarray(matrix).astype(int).reshape(-1)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,9 @@ def test_blocks_equal_the_dense_ggn_where_kfac_is_exact(
         rows = _kron_indices(index.layers[i])
         block = factors.layers[i]
         assert block.a.dtype == jnp.float64
-        assert_rel_close(jnp.kron(block.g, block.a), dense[jnp.ix_(rows, rows)], 1e-10)
+        assert_rel_close(
+            np.kron(block.g, block.a), np.asarray(dense)[np.ix_(rows, rows)], 1e-10
+        )
     for diag, idx in [
         (factors.scale, index.scale),
         (factors.norm.weight, index.norm.weight),
@@ -213,7 +215,9 @@ def test_conv_as_the_last_layer_is_exact_under_mse(x64, dims):
     block = kfac_factors(flat, batch, "mse").conv
     dense, index = _dense_ggn(flat, batch, "mse")
     rows = _kron_indices(index.conv)
-    assert_rel_close(jnp.kron(block.g, block.a), dense[jnp.ix_(rows, rows)], 1e-10)
+    assert_rel_close(
+        np.kron(block.g, block.a), np.asarray(dense)[np.ix_(rows, rows)], 1e-10
+    )
 
 
 def test_scan_and_vmap_weight_sharing_expand(x64):
@@ -269,21 +273,25 @@ def test_inverse_equals_solve_on_the_dense_kronecker_matrix(x64):
 
         def check(b, v, o, kinds=seen):
             if not isinstance(b, eqx_ggn.KroneckerFactor):
-                assert_rel_close(o, v / (b + damping), 1e-10)
+                assert_rel_close(o, np.asarray(v) / (np.asarray(b) + damping), 1e-10)
                 kinds.add("diagonal")
                 return
-            a = jnp.diag(b.a) if b.a.ndim == 1 else b.a
-            n, m = a.shape[0], b.g.shape[0]
-            pi = jnp.sqrt((jnp.trace(a) / n) / (jnp.trace(b.g) / m))
-            a_d = a + pi * np.sqrt(damping) * jnp.eye(n)
-            g_d = b.g + np.sqrt(damping) / pi * jnp.eye(m)
+            # The dense reference in NumPy (float64).
+            a = np.diag(b.a) if b.a.ndim == 1 else np.asarray(b.a)
+            g = np.asarray(b.g)
+            n, m = a.shape[0], g.shape[0]
+            pi = np.sqrt((np.trace(a) / n) / (np.trace(g) / m))
+            a_d = a + pi * np.sqrt(damping) * np.eye(n)
+            g_d = g + np.sqrt(damping) / pi * np.eye(m)
             if isinstance(v, eqx.nn.Embedding):  # weight (n, m): kron(A, G)
-                ref = jnp.linalg.solve(jnp.kron(a_d, g_d), v.weight.reshape(-1))
-                assert_rel_close(o.weight.reshape(-1), ref, 1e-10)
+                rhs = np.asarray(v.weight).reshape(-1)
+                ref = np.linalg.solve(np.kron(a_d, g_d), rhs)
+                assert_rel_close(np.asarray(o.weight).reshape(-1), ref, 1e-10)
             else:  # [weight | bias] (m, n): kron(G, A)
-                rhs = _layer_matrix(v)[0].reshape(-1)
-                ref = jnp.linalg.solve(jnp.kron(g_d, a_d), rhs)
-                assert_rel_close(_layer_matrix(o)[0].reshape(-1), ref, 1e-10)
+                rhs = np.asarray(_layer_matrix(v)[0]).reshape(-1)
+                ref = np.linalg.solve(np.kron(g_d, a_d), rhs)
+                out = np.asarray(_layer_matrix(o)[0]).reshape(-1)
+                assert_rel_close(out, ref, 1e-10)
             kinds.add(type(v).__name__)
 
         jax.tree.map(
