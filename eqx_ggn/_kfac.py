@@ -326,22 +326,14 @@ def _sample_output_cotangents(
 
 
 def _expand_outer_products(
-    pullback: Callable,
-    cotangents: Array,
-    shared: list,
-    weight_sharing: str,
-    single: list,
+    pullback: Callable, cotangents: Array, shared: list, needed: Array
 ) -> tuple[list, list]:
-    """The per-use outer products `sum a a^T` and `sum_k g g^T` of every layer, or
-    zeros. They are computed (one pass for `A`, then one per column `k` in
-    sequence, bounding memory) only when some layer is used more than once per
-    sample: otherwise the per-sample sums give the same factors for free."""
+    """The per-use outer products `sum a a^T` and `sum_k g g^T` of every layer when
+    `needed` (some expanding layer is used more than once per sample), else
+    zeros: one pass for `A`, then one per column `k` in sequence, which bounds
+    memory. A layer used once per sample gets the same factors from its
+    per-sample sums, for free."""
     zeros = ([a for a, _ in shared], [g for _, g in shared])
-    if weight_sharing != "expand" and not any(
-        p.ndim == 1
-        for p, _ in shared  # embeddings always expand
-    ):
-        return zeros
 
     def outer(_):
         a_outer = [a for a, _ in pullback(cotangents[0])[0]]
@@ -352,8 +344,15 @@ def _expand_outer_products(
         g_outer = [jnp.sum(g, 0) for g in jax.lax.map(column, cotangents)]
         return a_outer, g_outer
 
-    needed = ~jnp.all(jnp.stack(single)) if single else jnp.asarray(False)
     return jax.lax.cond(needed, outer, lambda _: zeros, None)
+
+
+def check_weight_sharing(weight_sharing: str) -> None:
+    if weight_sharing not in WEIGHT_SHARING:
+        raise ValueError(
+            f"Unknown weight_sharing {weight_sharing!r}; valid ones are "
+            f"{list(WEIGHT_SHARING)}."
+        )
 
 
 def curvature_statistics(
@@ -369,11 +368,7 @@ def curvature_statistics(
     axis_name: Any = None,
 ) -> PyTree:
     """The KFAC factors of one batch, aligned with `trained` (see `kfac_factors`)."""
-    if weight_sharing not in WEIGHT_SHARING:
-        raise ValueError(
-            f"Unknown weight_sharing {weight_sharing!r}; valid ones are "
-            f"{list(WEIGHT_SHARING)}."
-        )
+    check_weight_sharing(weight_sharing)
     inputs, target = batch["input"], batch["target"]
     num_samples = jax.tree.leaves(inputs)[0].shape[0]
     specs, others = [], []
@@ -422,29 +417,33 @@ def curvature_statistics(
             return flag
         return jax.lax.pmin(flag.astype(jnp.int32), axis_name).astype(bool)
 
-    single = [
+    single = [  # every sample uses the layer once
         on_every_shard(jnp.all(ct[2][0] == 1)) for ct in sample_ct
-    ]  # every sample uses the layer once
-    a_outer, g_outer = _expand_outer_products(
-        pullback, cotangents, shared, weight_sharing, single
-    )
+    ]
+    # Embeddings always expand (their inputs are one-hot).
+    expands = [
+        weight_sharing == "expand" or isinstance(spec, eqx.nn.Embedding)
+        for spec in specs
+    ]
+    shared_use = [~once for once, e in zip(single, expands, strict=True) if e]
+    needed = jnp.any(jnp.stack(shared_use)) if shared_use else jnp.asarray(False)
+    a_outer, g_outer = _expand_outer_products(pullback, cotangents, shared, needed)
 
     blocks = []
-    for spec, (a_sum, g_sum, count), outer_a, outer_g, once, used in zip(
-        specs, sample_ct, a_outer, g_outer, single, uses, strict=True
+    for spec, (a_sum, g_sum, count), outer_a, outer_g, once, used, expand in zip(
+        specs, sample_ct, a_outer, g_outer, single, uses, expands, strict=True
     ):
         dtype = _stat_dtype(spec)
         scale = jnp.asarray(factor, dtype)
         a_sum, count = a_sum[0], count[0]  # the same for every k
         n = total(jnp.asarray(num_samples, dtype))
         mean_input = a_sum / jnp.maximum(count, 1)[:, None]
-        embedding = isinstance(spec, eqx.nn.Embedding)
-        if embedding:
+        if isinstance(spec, eqx.nn.Embedding):
             a = total(jnp.sum(jnp.square(mean_input), 0)) / n
         else:
             a = total(mean_input.T @ mean_input) / n
         g = scale * total(jnp.einsum("knm,knl->ml", g_sum, g_sum))
-        if weight_sharing == "expand" or embedding:
+        if expand:
             # Used once per sample, expand equals the sums above; otherwise the
             # per-use outer products.
             a = jnp.where(once, a, total(outer_a) / jnp.maximum(used, 1))

@@ -15,9 +15,9 @@ from ._cg import CGResult, CGStop
 from ._checks import check_like
 from ._diagnostics import is_definite, step_diagnostics, warn_if
 from ._kfac import (
-    WEIGHT_SHARING,
     KFACState,
     apply_kfac_inverse,
+    check_weight_sharing,
     curvature_statistics,
     update_kfac_state,
     zero_state,
@@ -156,11 +156,7 @@ class _Config(eqx.Module, strict=True):
                 f"Unknown preconditioner {self.preconditioner!r}; valid ones are "
                 "[None, 'jacobi', 'kfac']."
             )
-        if self.weight_sharing not in WEIGHT_SHARING:
-            raise ValueError(
-                f"Unknown weight_sharing {self.weight_sharing!r}; valid ones are "
-                f"{list(WEIGHT_SHARING)}."
-            )
+        check_weight_sharing(self.weight_sharing)
         if self.uses_kfac and (self.curvature == "hessian" or not self.vmap_over_data):
             raise ValueError(
                 "KFAC (solver='kfac' or preconditioner='kfac') approximates the GGN "
