@@ -334,6 +334,41 @@ def test_fisher_factors_match_the_ggn_in_expectation():
     assert worst < 5, worst
 
 
+def test_factors_under_jit_vmap_equal_the_unbatched_ones(x64):
+    """Factors under `jit(vmap)` over keys and over batches, with the model and
+    the batch closed over, equal the unbatched ones (jaxlib < 0.8.2 constant-folds
+    such a vmapped gather wrongly, jax-ml/jax#33479: the reason for the floor)."""
+    model = to_f64(Net(jax.random.key(0)))
+    kx, ky, kk = jax.random.split(jax.random.key(1), 3)
+    batches = {
+        "input": jax.random.normal(kx, (2, 8, 3), jnp.float64),
+        "target": jax.random.randint(ky, (2, 8), 0, 2),
+    }
+    first = jax.tree.map(lambda x: x[0], batches)
+    keys = jax.random.split(kk, 2)
+    curvatures = ("ggn", "fisher", "empirical_fisher")
+
+    def factors(batch, key):
+        return [
+            eqx_ggn.kfac_factors(model, batch, "cross_entropy", curvature=c, key=key)
+            for c in curvatures
+        ]
+
+    over_keys = jax.jit(jax.vmap(lambda k: factors(first, k)))(keys)
+    over_batches = jax.jit(jax.vmap(lambda b: factors(b, keys[0])))(batches)
+    for i in range(2):
+        row = lambda tree, i=i: jax.tree.map(lambda x: x[i], tree)
+        batch_i = jax.tree.map(lambda x, i=i: x[i], batches)
+        for batched, reference in (
+            (row(over_keys), factors(first, keys[i])),
+            (row(over_batches), factors(batch_i, keys[0])),
+        ):
+            for b, r in zip(
+                jax.tree.leaves(batched), jax.tree.leaves(reference), strict=True
+            ):
+                np.testing.assert_allclose(b, r, rtol=1e-10, atol=1e-12)
+
+
 def _least_squares(x64_key=0):
     kx, kw = jax.random.split(jax.random.key(x64_key))
     x = jax.random.normal(kx, (30, 4), jnp.float64)

@@ -79,3 +79,48 @@ def test_same_signatures_as_laplax():
             ours.parameters.values(), theirs.parameters.values(), strict=True
         ):
             assert (p.kind, p.default) == (q.kind, q.default), p.name
+
+
+def test_laplax_posterior_on_our_ggn_matches_laplax_own():
+    """laplax 0.0.2's own pipeline (full covariance, then the linearized
+    predictive variance) on eqx_ggn's `create_ggn_mv` equals it on laplax's."""
+    from jax.flatten_util import ravel_pytree
+    from laplax.curv import create_posterior_fn
+    from laplax.eval.pushforward import (
+        lin_pred_mean,
+        lin_pred_var,
+        lin_setup,
+        set_lin_pushforward,
+    )
+
+    model, data = make_problem("regression")
+    params, static = eqx_ggn.partition(model)
+    model_fn = eqx_ggn.as_model_fn(static)
+    flat, unflatten = ravel_pytree(params)
+    prior = {"prior_prec": 0.5}
+
+    def pipeline(create_ggn_mv):
+        mv = create_ggn_mv(model_fn, params, data, "mse", num_total_samples=40)
+        posterior_fn = create_posterior_fn("full", mv, layout=params)
+        posterior = posterior_fn(prior)
+        cov_mv = posterior.cov_mv(posterior.state)
+        covariance = jax.vmap(lambda e: ravel_pytree(cov_mv(unflatten(e)))[0])(
+            jax.numpy.eye(flat.size, dtype=flat.dtype)
+        )
+        predictive = set_lin_pushforward(
+            model_fn,
+            params,
+            posterior_fn,
+            prior,
+            pushforward_fns=[lin_setup, lin_pred_mean, lin_pred_var],
+        )
+        variance = jax.vmap(lambda x: predictive(x)["pred_var"])(data["input"][:4])
+        return covariance, variance
+
+    (ours_cov, ours_var), (laplax_cov, laplax_var) = (
+        pipeline(eqx_ggn.create_ggn_mv),
+        pipeline(laplax_ggn.create_ggn_mv),
+    )
+    assert_rel_close(ours_cov, laplax_cov, tol=1e-12)
+    assert_rel_close(ours_var, laplax_var, tol=1e-12)
+    assert jax.numpy.all(ours_var > 0)
