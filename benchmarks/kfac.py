@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
+from _problems import AUTOENCODER_SIZES, Autoencoder, digits
 
 import eqx_ggn
 from eqx_ggn._cg import cg
@@ -58,42 +58,22 @@ args = parser.parse_args()
 # Mini-batch noise rejects runs of steps near convergence; the count is in the state.
 warnings.simplefilter("ignore", eqx_ggn.GaussNewtonWarning)
 
-digits = load_digits()
-order = np.random.default_rng(0).permutation(len(digits.target))
-images = jnp.asarray(digits.data[order] / 16.0, jnp.float32)
-labels = jnp.asarray(digits.target[order])
-split = 1347
-
-
-class Autoencoder(eqx.Module):
-    layers: list
-
-    def __init__(self, sizes, key):
-        keys = jax.random.split(key, len(sizes) - 1)
-        self.layers = [
-            eqx.nn.Linear(a, b, key=k)
-            for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
-        ]
-
-    def __call__(self, x):
-        for layer in self.layers[:-1]:
-            x = jnp.tanh(layer(x))
-        return self.layers[-1](x)
+(train_images, train_labels), (test_images, test_labels) = digits()
 
 
 PROBLEMS = {
     "autoencoder": dict(
-        model=Autoencoder([64, 128, 64, 32, 8, 32, 64, 128, 64], jax.random.key(0)),
+        model=Autoencoder(AUTOENCODER_SIZES, jax.random.key(0)),
         loss="binary_cross_entropy",
-        train=(images[:split], images[:split]),
-        test=(images[split:], images[split:]),
+        train=(train_images, train_images),
+        test=(test_images, test_images),
         batch_size=512,
     ),
     "digits": dict(
         model=eqx.nn.MLP(64, 10, 128, 2, activation=jnp.tanh, key=jax.random.key(0)),
         loss="cross_entropy",
-        train=(images[:split], labels[:split]),
-        test=(images[split:], labels[split:]),
+        train=(train_images, train_labels),
+        test=(test_images, test_labels),
         batch_size=256,
     ),
 }

@@ -50,6 +50,7 @@ from ._plot import (
     plot_curvature_history as plot_curvature_history,
     plot_spectral_density as plot_spectral_density,
 )
+from ._step_control import StepRejection as StepRejection
 
 
 __version__ = "0.1.0"

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from ._batching import vary_over_shards
 from ._losses import LossFn, loss_hessian_root, resolve_loss
-from ._operator import vary_over_shards
 
 
 WEIGHT_SHARING = ("expand", "reduce")

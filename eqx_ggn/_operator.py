@@ -1,6 +1,6 @@
 """The linearize-once curvature operator."""
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
@@ -9,13 +9,19 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
+from ._batching import (
+    AxisName,
+    from_microbatches,
+    sum_over_shards,
+    to_microbatches,
+    vary_over_shards,
+)
 from ._checks import check_data, check_like, check_params
 from ._losses import LossFn, check_target, resolve_loss
 from ._partition import as_model_fn, partition
 
 
 Curvature = Literal["ggn", "fisher", "empirical_fisher", "hessian"]
-AxisName = Hashable | tuple[Hashable, ...]
 CURVATURES: tuple[str, ...] = ("ggn", "fisher", "empirical_fisher", "hessian")
 
 
@@ -63,58 +69,7 @@ def objective_value(
         value = jnp.sum(
             jax.lax.map(chunk_value, to_microbatches(data, num_microbatches))
         )
-    return jnp.asarray(factor, value.dtype) * _sum_over_shards(value, axis_name)
-
-
-def _sum_over_shards(tree: PyTree, axis_name: AxisName | None) -> PyTree:
-    """`lax.psum` over the mapped batch axis, or nothing outside a mapped axis."""
-    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
-
-
-def vary_over_shards(tree: PyTree, axis_name: AxisName | None) -> PyTree:
-    """Mark replicated arrays as varying over the mapped batch axis.
-
-    Under `shard_map`'s type checks (`check_vma=True`), differentiating through a
-    replicated input makes JAX insert its own `psum` of the cotangents. Casting the
-    parameters and the product's vector to "varying" first keeps every shard's
-    gradient and product local, so that the one explicit `psum` in this module is
-    the only sum, with or without the checks. A `lax.scan` carry that starts as
-    replicated zeros and accumulates shard-local sums needs the same cast.
-    """
-    if axis_name is None:
-        return tree
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-    def cast(x):
-        aval = jax.typeof(x)
-        varying = getattr(aval, "vma", None)  # its name in older jax
-        if varying is None:
-            varying = aval.manual_axis_type.varying
-        missing = tuple(n for n in names if n not in varying)
-        if not missing:
-            return x
-        if hasattr(jax.lax, "pcast"):
-            return jax.lax.pcast(x, missing, to="varying")
-        return jax.lax.pvary(x, missing)  # jax < 0.9
-
-    return jax.tree.map(cast, tree)
-
-
-def to_microbatches(tree: PyTree, n: int) -> PyTree:
-    """Split every leaf's leading batch axis `B` into `(n, B // n)`, strided.
-
-    Micro-batch `j` holds samples `j, j + n, j + 2n, ...`: a batch sharded in
-    contiguous blocks over devices then gives every device an equal share of every
-    micro-batch, and the split needs no communication.
-    """
-    return jax.tree.map(
-        lambda x: x.reshape((x.shape[0] // n, n, *x.shape[1:])).swapaxes(0, 1), tree
-    )
-
-
-def _from_microbatches(tree: PyTree) -> PyTree:
-    """Undo `to_microbatches`: back to one batch axis, in the original order."""
-    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((-1, *x.shape[2:])), tree)
+    return jnp.asarray(factor, value.dtype) * sum_over_shards(value, axis_name)
 
 
 def _scale(tree: PyTree, factor: Array) -> PyTree:
@@ -283,7 +238,7 @@ class CurvatureOperator(eqx.Module):
             product = self._product(
                 self.linear_fn, self.predictions, self.target, self.loss_grads, vector
             )
-            return _sum_over_shards(product, self.axis_name)
+            return sum_over_shards(product, self.axis_name)
         chunks = to_microbatches(
             (self.predictions, self.target, self.loss_grads, self.inputs),
             self.num_microbatches,
@@ -310,7 +265,7 @@ class CurvatureOperator(eqx.Module):
         )
         zeros = vary_over_shards(zeros, self.axis_name)
         total, _ = jax.lax.scan(accumulate, zeros, (self.linear_fn, chunks))
-        total = _sum_over_shards(total, self.axis_name)
+        total = sum_over_shards(total, self.axis_name)
         return jax.tree.map(lambda t, v: t.astype(v.dtype), total, vector)
 
     def _product(
@@ -389,7 +344,7 @@ class CurvatureOperator(eqx.Module):
 
         template = self._params_template()
         check_like("vector", vector, template, "params")
-        return solve_with(solver, self, vector, damping, cg_maxiter, cg_tol).value
+        return solve_with(solver, self, vector, damping, cg_maxiter, cg_tol)[0].value
 
     def as_matrix(self) -> Float[Array, "P P"]:
         """The dense curvature matrix in `jax.flatten_util.ravel_pytree` order.
@@ -581,8 +536,8 @@ def curvature_operator(
         zeros = vary_over_shards(zeros, axis_name)
         totals, (pred, loss_grads, linear_fn) = jax.lax.scan(accumulate, zeros, chunks)
         value, grad = jax.tree.map(lambda t, x: t.astype(x.dtype), totals, shapes)
-        pred, loss_grads = _from_microbatches((pred, loss_grads))
-    value, grad = _sum_over_shards((value, grad), axis_name)
+        pred, loss_grads = from_microbatches((pred, loss_grads))
+    value, grad = sum_over_shards((value, grad), axis_name)
 
     leaves, treedef = jax.tree.flatten(params)
     params_struct = (

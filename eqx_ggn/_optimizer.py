@@ -34,11 +34,17 @@ from ._operator import (
 from ._partition import as_model_fn
 from ._solvers import SOLVER_CODES, SOLVERS, resolve_solver, solve_with
 from ._step_control import (
+    DAMPING_RULES,
+    EXACT_SOLVERS,
+    GRID_STEP_SIZES,
     LINE_SEARCHES,
+    StepRejection,
     grid_line_search,
     levenberg_marquardt,
     quadratic_model,
     quadratic_model_coefficients,
+    rejection_reason,
+    resolve_line_search,
 )
 from ._tree import tree_all_finite, tree_dot, tree_where
 
@@ -59,6 +65,21 @@ class ScaleByGaussNewtonState(NamedTuple):
     - `solver`: which solver ran: 0 `"cg"`, 1 `"dense"`, 2 `"sample_space"` (what
       `"auto"` chose), 3 `"kfac"`; -1 before the first step.
     - `step_size`: the step size the line search chose (1 without one).
+    - `rejection`: why the last step was rejected, a [`eqx_ggn.StepRejection`][]
+      (0 when it was accepted).
+    - `damping_growth`: the factor the damping grows by at the next rejection
+      (Nielsen's rule: 2 after an accepted step, doubled by each rejection).
+    - `accepted_damping`: the damping of the last accepted step (the initial
+      damping before one): the warning compares the damping with it.
+    - `grid_scale`: the line search's grid is `grid_scale * 2^-k`; with a fixed
+      damping, a step rejected at every grid size shrinks it by `2^-16`, so that
+      the next trial differs; an accepted step resets it.
+    - `preconditioned`: whether the next CG solve uses the KFAC preconditioner
+      (with `preconditioner="kfac"` it is used only while it needs fewer
+      iterations than none; see `preconditioner`).
+    - `reference_iterations`: plain CG's iterations at the last comparison with
+      the KFAC preconditioner (the largest int32 before one; -1 when the next
+      step compares again).
     - `rejected_steps`: how many steps in a row were rejected (0 after an accepted
       one). A rejected step whose loss rose by no more than rounding (16 machine
       epsilons of `loss_scale`), as happens once the loss reaches its floating-point
@@ -103,6 +124,12 @@ class ScaleByGaussNewtonState(NamedTuple):
     rejected_steps: Int[Array, ""]
     loss_scale: Float[Array, ""]
     warned: Bool[Array, ""]
+    rejection: Int[Array, ""]
+    damping_growth: Float[Array, ""]
+    accepted_damping: Float[Array, ""]
+    grid_scale: Float[Array, ""]
+    preconditioned: Bool[Array, ""]
+    reference_iterations: Int[Array, ""]
     solution: PyTree | None
     diagonal: PyTree | None
     momentum: PyTree | None
@@ -116,6 +143,7 @@ class _Config(eqx.Module, strict=True):
     curvature: str
     solver: str
     line_search: str | None
+    damping_rule: str
     relative_damping: bool
     adaptive_damping: bool
     warm_start: bool
@@ -145,6 +173,11 @@ class _Config(eqx.Module, strict=True):
             raise ValueError(
                 "solver='sample_space' has no form for curvature='hessian' (the "
                 "Hessian is not a Gram matrix); use solver='dense' or solver='cg'."
+            )
+        if self.damping_rule not in DAMPING_RULES:
+            raise ValueError(
+                f"Unknown damping_rule {self.damping_rule!r}; valid ones are "
+                f"{list(DAMPING_RULES)}."
             )
         if self.line_search not in LINE_SEARCHES:
             raise ValueError(
@@ -264,7 +297,16 @@ def _reset_non_finite(
     state: ScaleByGaussNewtonState, fresh: ScaleByGaussNewtonState
 ) -> tuple[ScaleByGaussNewtonState, Bool[Array, ""]]:
     """Replace each non-finite buffer of `state` by its value in `fresh`."""
-    names = ("damping", "solution", "diagonal", "momentum", "kfac")
+    names = (
+        "damping",
+        "damping_growth",
+        "accepted_damping",
+        "grid_scale",
+        "solution",
+        "diagonal",
+        "momentum",
+        "kfac",
+    )
     finite = {name: tree_all_finite(getattr(state, name)) for name in names}
     state = state._replace(
         **{
@@ -335,6 +377,12 @@ def _initial_state(
         rejected_steps=jnp.zeros([], jnp.int32),
         loss_scale=jnp.zeros([], jnp.float32),
         warned=jnp.asarray(False),
+        rejection=jnp.asarray(StepRejection.ACCEPTED, jnp.int32),
+        damping_growth=jnp.asarray(2.0, jnp.float32),
+        accepted_damping=jnp.asarray(damping, jnp.float32),
+        grid_scale=jnp.ones([], jnp.float32),
+        preconditioned=jnp.asarray(config.preconditioner == "kfac"),
+        reference_iterations=jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32),
         solution=zeros() if config.warm_start else None,
         diagonal=zeros() if config.preconditioner == "jacobi" else None,
         momentum=zeros() if config.heavy_ball or config.adaptive_momentum else None,
@@ -342,28 +390,46 @@ def _initial_state(
     )
 
 
+class _CGOptions(NamedTuple):
+    """CG's keywords of `scale_by_gauss_newton`."""
+
+    maxiter: Any
+    tol: Any
+    progress_tol: Any
+    warm_start_decay: Any
+
+
+class _PreconditionerOptions(NamedTuple):
+    """The Jacobi and KFAC keywords of `scale_by_gauss_newton`."""
+
+    diagonal_decay: Any
+    kfac_decay: Any
+    kfac_inverse_every: Any
+
+
 def _preconditioner(
     config: _Config,
     state: ScaleByGaussNewtonState,
     op: CurvatureOperator,
-    step_inputs: tuple[eqx.Module | None, PyTree, dict[str, Any]],
+    model: eqx.Module | None,
+    params: PyTree,
+    batch: dict[str, Any],
     damping: Float[Array, ""],
-    decays: tuple[Any, Any, Any],
+    options: _PreconditionerOptions,
 ) -> tuple[PyTree, KFACState | None, Callable | None]:
     """The updated Jacobi or KFAC buffers, and the damped inverse they give.
 
     KFAC: this batch's factors (at the step's key, for the sampled Fisher) join the
-    running average, whose eigendecompositions refresh every `inverse_every` steps.
+    running average, whose eigendecompositions refresh every `kfac_inverse_every`
+    steps.
     """
-    diagonal_decay, kfac_decay, inverse_every = decays
     if config.preconditioner == "jacobi":
         diagonal, precondition = _jacobi_preconditioner(
-            op, state.diagonal, state.count, diagonal_decay, damping
+            op, state.diagonal, state.count, options.diagonal_decay, damping
         )
         return diagonal, state.kfac, precondition
     if not config.uses_kfac:
         return state.diagonal, state.kfac, None
-    model, params, batch = step_inputs
     if model is None:
         raise ValueError(
             "KFAC (solver='kfac' or preconditioner='kfac') finds the layers of an "
@@ -381,9 +447,26 @@ def _preconditioner(
         axis_name=config.axis_name,
     )
     kfac = update_kfac_state(
-        state.kfac, statistics, state.count, kfac_decay, inverse_every
+        state.kfac,
+        statistics,
+        state.count,
+        options.kfac_decay,
+        options.kfac_inverse_every,
     )
     return state.diagonal, kfac, lambda r: apply_kfac_inverse(kfac.eigen, r, damping)
+
+
+class _Solve(NamedTuple):
+    """A step's solve: the result, `C d` when it is known (KFAC) else `None`, the
+    KFAC preconditioner's choice for the next step and plain CG's reference
+    iterations (see `_adaptive_kfac_cg`), and the exact solve's rounding level
+    (0 for CG and KFAC)."""
+
+    result: CGResult
+    curvature_direction: PyTree | None
+    preconditioned: Bool[Array, ""]
+    reference_iterations: Int[Array, ""]
+    damping_floor: Float[Array, ""]
 
 
 def _solve(
@@ -394,29 +477,121 @@ def _solve(
     damping: Float[Array, ""],
     state: ScaleByGaussNewtonState,
     preconditioner: Callable | None,
-    cg_options: tuple[Any, Any, Any, Any],
-) -> tuple[CGResult, PyTree | None]:
+    options: _CGOptions,
+    inverse_every: Any,
+) -> _Solve:
     """`(C + λ I)^{-1} rhs` by the named solver (CG warm-started when asked), and
-    for KFAC the rescaled step; also `C d` when it is known (KFAC), else `None`."""
-    maxiter, tol, progress_tol, warm_start_decay = cg_options
+    for KFAC the step rescaled by the quadratic model."""
     x0 = None
     if config.warm_start:
-        x0 = jax.tree.map(lambda s: warm_start_decay * s, state.solution)
-    result = solve_with(
-        solver,
-        op,
-        rhs,
-        damping,
-        maxiter,
-        tol,
-        x0=x0,
-        preconditioner=preconditioner,
-        progress_tol=progress_tol,
-    )
-    if solver != "kfac":
-        return result, None
-    previous = state.momentum if config.adaptive_momentum else None
-    return _rescale_kfac_step(op, rhs, result.value, previous, damping)
+        x0 = jax.tree.map(lambda s: options.warm_start_decay * s, state.solution)
+
+    def solve(precondition, maxiter=options.maxiter):
+        return solve_with(
+            solver,
+            op,
+            rhs,
+            damping,
+            maxiter,
+            options.tol,
+            x0=x0,
+            preconditioner=precondition,
+            progress_tol=options.progress_tol,
+        )
+
+    zero = jnp.zeros([], jnp.float32)
+    if solver == "cg" and config.preconditioner == "kfac":
+
+        def quadratic(d):  # d^T (C + λ I) d / 2 - rhs^T d
+            damped = jax.tree.map(
+                lambda cd, x: cd + jnp.asarray(damping, x.dtype) * x, op.mv(d), d
+            )
+            return 0.5 * tree_dot(d, damped) - tree_dot(rhs, d)
+
+        result, use, reference = _adaptive_kfac_cg(
+            lambda *a: solve(*a)[0],
+            quadratic,
+            preconditioner,
+            state,
+            options.tol,
+            inverse_every,
+        )
+        return _Solve(result, None, use, reference, zero)
+    used = jnp.asarray(preconditioner is not None and config.uses_kfac)
+    result, floor = solve(preconditioner)
+    curvature_direction = None
+    if solver == "kfac":
+        previous = state.momentum if config.adaptive_momentum else None
+        result, curvature_direction = _rescale_kfac_step(
+            op, rhs, result.value, previous, damping
+        )
+    floor = jnp.asarray(floor, jnp.float32)
+    return _Solve(result, curvature_direction, used, state.reference_iterations, floor)
+
+
+# A preconditioned solve over this many times plain CG's reference iterations
+# triggers a new comparison.
+_STALE = 1.25
+
+
+def _adaptive_kfac_cg(
+    solve: Callable,
+    quadratic: Callable,
+    preconditioner: Callable,
+    state: ScaleByGaussNewtonState,
+    tol: Any,
+    inverse_every: Any,
+) -> tuple[CGResult, Bool[Array, ""], Int[Array, ""]]:
+    """CG with the KFAC preconditioner only while it pays.
+
+    A comparison step runs CG with the current choice, then with the other one
+    capped at the first one's iterations: the better solve (converged to `tol`
+    in fewer iterations, or else the lower damped quadratic model `quadratic`,
+    the quantity truncated CG minimizes) is this step's, and its choice is kept.
+    Plain CG's iterations there are the reference (its cap, a lower bound, when
+    it was capped and lost). Comparisons run on the steps that refresh the KFAC
+    inverse, and on the step after a preconditioned solve that needed over
+    `_STALE` times the reference (a stale inverse, or a changed problem). A
+    comparison costs at most twice a solve. Returns the result, the choice for
+    the next step and the reference (-1: compare next).
+    """
+    tol = jnp.asarray(tol, jnp.float32)
+
+    def chosen(use):
+        return jax.lax.cond(use, lambda: solve(preconditioner), lambda: solve(None))
+
+    def converged(result):
+        return result.residual_norm <= tol
+
+    def compare(use):
+        first = chosen(use)
+        cap = jnp.maximum(first.num_steps, 1)
+        other = jax.lax.cond(
+            use, lambda: solve(None, cap), lambda: solve(preconditioner, cap)
+        )
+        q_other, q_first = quadratic(other.value), quadratic(first.value)
+        switch = jnp.where(
+            converged(other) & converged(first),
+            other.num_steps < first.num_steps,
+            q_other < q_first,
+        )
+        best = jax.tree.map(lambda o, f: jnp.where(switch, o, f), other, first)
+        total = (first.num_steps + other.num_steps).astype(best.num_steps.dtype)
+        plain = jax.tree.map(lambda o, f: jnp.where(use, o, f), other, first)
+        reference = jnp.where(converged(plain), plain.num_steps, cap)
+        best = eqx.tree_at(lambda r: r.num_steps, best, total)
+        return best, use ^ switch, reference.astype(jnp.int32)
+
+    def keep(use):
+        result = chosen(use)
+        limit = _STALE * state.reference_iterations.astype(jnp.float32)
+        stale = use & (result.num_steps > limit)
+        return result, use, jnp.where(stale, -1, state.reference_iterations)
+
+    refresh = (state.count % jnp.maximum(jnp.asarray(inverse_every), 1)) == 0
+    refresh |= state.reference_iterations < 0
+    result, use, reference = jax.lax.cond(refresh, compare, keep, state.preconditioned)
+    return result, None, use, reference
 
 
 def _rescale_kfac_step(
@@ -492,14 +667,31 @@ def _operator_for_step(
             raise ValueError(
                 f"The operator passed to update() has {name}="
                 f"{getattr(operator, name)!r}, but the optimizer has {name}="
-                f"{getattr(config, name)!r}."
+                f"{getattr(config, name)!r}: build it with the optimizer's, e.g. "
+                f"eqx_ggn.value_and_grad(..., {name}={getattr(config, name)!r}, "
+                "return_operator=True), or leave operator= out."
             )
     check_like("operator.grad", operator.grad, params, "params")
     return operator
 
 
+class _Control(NamedTuple):
+    """The verdict on one step: its size, whether it is taken, the next damping
+    and line-search scale, and why it was rejected."""
+
+    step_size: Float[Array, ""]
+    accepted: Bool[Array, ""]
+    damping: Float[Array, ""]
+    growth: Float[Array, ""]
+    reduction_ratio: Float[Array, ""]
+    rejection: Int[Array, ""]
+    grid_scale: Float[Array, ""]
+    failed: Bool[Array, ""]
+
+
 def _control_step(
     config: _Config,
+    solver: str,
     lm_constants: dict[str, Any],
     model_fn: Callable,
     params: PyTree,
@@ -507,22 +699,36 @@ def _control_step(
     op: CurvatureOperator,
     direction: PyTree,
     damping: Float[Array, ""],
+    state: ScaleByGaussNewtonState,
     finite: Bool[Array, ""],
     loss_scale: Float[Array, ""],
-    curvature_direction: PyTree | None = None,
-) -> tuple[Array, Array, Array, Array, Array]:
+    solved: _Solve,
+) -> _Control:
     """Step size, acceptance and next damping for the step `-d`.
 
     Without adaptive damping or a line search the step is taken whole when finite.
     Otherwise the loss is evaluated at `θ - α d`, for `α = 1` or on the line
     search's grid, and the Levenberg-Marquardt rule (or, with a fixed damping, a
-    plain decrease test) decides. `failed` marks a rejection that is more than
-    rounding: the loss rose by over 16 machine epsilons of `loss_scale`.
+    plain decrease test) decides. Every rejection changes the next trial: the
+    damping grows, or with a fixed damping the grid shrinks by `2^-16`. `failed`
+    marks a rejection that is more than rounding: the loss rose by over 16
+    machine epsilons of `loss_scale`.
     """
     one = jnp.asarray(1.0, jnp.float32)
     nan = jnp.asarray(jnp.nan, jnp.float32)
-    if not config.adaptive_damping and config.line_search is None:
-        return one, finite, damping, nan, ~finite
+    line_search = resolve_line_search(config.line_search, solver)
+    if not config.adaptive_damping and line_search is None:
+        rejection = jnp.where(finite, StepRejection.ACCEPTED, StepRejection.NON_FINITE)
+        return _Control(
+            one,
+            finite,
+            damping,
+            state.damping_growth,
+            nan,
+            rejection.astype(jnp.int32),
+            state.grid_scale,
+            ~finite,
+        )
 
     def loss_at(alpha):
         trial = jax.tree.map(
@@ -539,26 +745,51 @@ def _control_step(
             config.axis_name,
         )
 
-    if config.line_search == "grid":
-        step_size, new_loss = grid_line_search(loss_at)
+    grid_scale = state.grid_scale if not config.adaptive_damping else one
+    if line_search == "grid":
+        step_size, new_loss = grid_line_search(loss_at, scale=grid_scale)
     else:
         step_size, new_loss = one, loss_at(one)
     new_loss = jnp.where(finite, new_loss, jnp.nan)  # rejects the step
-    eps = jnp.finfo(jnp.result_type(op.loss)).eps
+    scale = lambda tree: jax.tree.map(lambda x: step_size.astype(x.dtype) * x, tree)
+    scaled = scale(direction)
     if config.adaptive_damping:
-        scale = lambda tree: jax.tree.map(lambda x: step_size.astype(x.dtype) * x, tree)
-        scaled = scale(direction)
-        if curvature_direction is None:  # else `C d` is known: no product
+        if solved.curvature_direction is None:  # else `C d` is known: no product
             curvature_scaled = op.mv(scaled)
         else:
-            curvature_scaled = scale(curvature_direction)
+            curvature_scaled = scale(solved.curvature_direction)
         predicted = quadratic_model(op.grad, scaled, curvature_scaled)
-        lm = levenberg_marquardt(damping, op.loss, new_loss, predicted, **lm_constants)
-        accepted, new_damping, rho = lm
+        constants = dict(lm_constants)
+        if constants["min_damping"] is None:
+            # CG and KFAC: 1e-8; exact solves: their factorization's rounding
+            # level, below which a smaller damping changes nothing.
+            exact = solver in EXACT_SOLVERS
+            constants["min_damping"] = solved.damping_floor if exact else 1e-8
+        lm = levenberg_marquardt(
+            damping,
+            op.loss,
+            new_loss,
+            predicted,
+            state.damping_growth,
+            rule=config.damping_rule,
+            line_searched=line_search is not None,
+            **constants,
+        )
+        accepted, new_damping, rho, growth, rejection = lm
     else:
-        accepted, new_damping, rho = new_loss <= op.loss, damping, nan
+        # Only the sign matters here: the first-order change, with no product.
+        predicted = -tree_dot(op.grad, scaled)
+        rejection = rejection_reason(op.loss, new_loss, predicted)
+        accepted = rejection == StepRejection.ACCEPTED
+        new_damping, rho, growth = damping, nan, state.damping_growth
+        # A grid that found no decrease moves below its smallest size.
+        shrunk = grid_scale * min(GRID_STEP_SIZES) / 2
+        grid_scale = jnp.where(accepted, one, shrunk).astype(jnp.float32)
+    eps = jnp.finfo(jnp.result_type(op.loss)).eps
     failed = ~accepted & ~(new_loss - op.loss <= 16 * eps * loss_scale)
-    return step_size, accepted, new_damping, rho, failed
+    return _Control(
+        step_size, accepted, new_damping, growth, rho, rejection, grid_scale, failed
+    )
 
 
 def _model_fn_for_step(
@@ -584,8 +815,30 @@ def _model_fn_for_step(
             "(model_fn(input=, params=)) or, for an Equinox module, model=... "
             "to update()."
         )
+    if model_fn is not None:
+        return model_fn
     # With `model=`, the `params` take precedence over its leaves.
-    return as_model_fn(model) if model_fn is None else model_fn
+    module_fn = as_model_fn(model)
+
+    def checked_model_fn(*, input: Any, params: PyTree) -> Any:  # noqa: A002
+        try:
+            return module_fn(input=input, params=params)
+        except TypeError as error:
+            if "'NoneType' object is not callable" not in str(error):
+                raise
+            raise ValueError(
+                "update(..., model=...) got a module with None where it has "
+                "functions (its activations, say): probably the filtered "
+                "parameters, e.g. eqx.filter(model, eqx.is_inexact_array). Pass "
+                "the whole module as model= and the filtered arrays as params."
+            ) from error
+
+    return checked_model_fn
+
+
+# A run of rejections is a stall, worth a warning, once it has grown the damping
+# by this factor since the last accepted step.
+STALL_GROWTH = 1e4
 
 
 def _warn_on_failures(
@@ -593,29 +846,40 @@ def _warn_on_failures(
     op: CurvatureOperator,
     updates: PyTree,
     batch: dict[str, Any],
-    warned: Bool[Array, ""],
-    failed: Bool[Array, ""],
+    state: ScaleByGaussNewtonState,
+    control: _Control,
     rejected_steps: Int[Array, ""],
-    limits: tuple[Any, Any, Array, Array],
+    warn_after: Any,
+    max_damping: Any,
 ) -> Bool[Array, ""]:
     """Emit a `GaussNewtonWarning` when due; return the updated `warned` flag.
 
-    Due after `warn_after` failed steps in a row, on the first one when a definite
-    cause is seen, or when the damping first reaches `max_damping`; at most once
-    per run of failed steps.
+    Due on the first failed step when a definite cause is seen; when the run
+    stalls: `warn_after` failed steps in a row that, with adaptive damping, grew
+    the damping by `STALL_GROWTH` since the last accepted step (the short runs of
+    rejections of normal Levenberg-Marquardt recovery do not); or when the
+    damping first reaches `max_damping`. At most once per run of failed steps.
     """
-    warn_after, max_damping, damping, new_damping = limits
     diagnostics = step_diagnostics(
         config.loss_fn, op.predictions, op.grad, updates, batch, op.axis_name
     )
-    due = (rejected_steps == warn_after) | (
-        (rejected_steps == 1) & is_definite(diagnostics)
-    )
+    failed = control.failed
+    stalled = rejected_steps >= warn_after
     if config.adaptive_damping:
-        due |= (new_damping >= max_damping) & (damping < max_damping) & failed
-    due &= ~warned
-    warn_if(due, config.loss_fn, max_damping, rejected_steps, new_damping, diagnostics)
-    return (warned | due) & failed
+        stalled &= control.damping >= STALL_GROWTH * state.accepted_damping
+        stalled |= (control.damping >= max_damping) & (state.damping < max_damping)
+    due = (stalled | ((rejected_steps == 1) & is_definite(diagnostics))) & failed
+    due &= ~state.warned
+    warn_if(
+        due,
+        config.loss_fn,
+        max_damping,
+        rejected_steps,
+        control.damping,
+        state.accepted_damping,
+        diagnostics,
+    )
+    return (state.warned | due) & failed
 
 
 def _buffers(
@@ -644,21 +908,92 @@ def _buffers(
     return step, buffer, solution
 
 
+def _checked_direction(
+    config: _Config,
+    solved: _Solve,
+    updates: PyTree,
+    op: CurvatureOperator,
+    damping: Float[Array, ""],
+    state_finite: Bool[Array, ""],
+    batch: dict[str, Any],
+) -> tuple[PyTree, Bool[Array, ""]]:
+    """The solved direction, whether the step's inputs and result are finite,
+    and with `throw` an error naming the first non-finite one."""
+    direction = solved.result.value
+    finite = (
+        tree_all_finite(direction)
+        & tree_all_finite(updates)
+        & jnp.isfinite(op.loss)
+        & jnp.isfinite(damping)
+    )
+    if config.throw:
+        direction = _raise_if_not_finite(
+            direction, state_finite, damping, batch, op, updates
+        )
+    return direction, finite
+
+
+def _next_state(
+    state: ScaleByGaussNewtonState,
+    op: CurvatureOperator,
+    solved: _Solve,
+    control: _Control,
+    solver_code: int,
+    damping: Float[Array, ""],
+    rejected_steps: Int[Array, ""],
+    warned: Bool[Array, ""],
+    loss_scale: Float[Array, ""],
+    buffers: tuple[PyTree, PyTree, PyTree, KFACState | None],
+) -> ScaleByGaussNewtonState:
+    """The state after a step, every field in its fixed dtype."""
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    result = solved.result
+    solution, diagonal, momentum, kfac = buffers
+    return ScaleByGaussNewtonState(
+        count=state.count + 1,
+        damping=f32(control.damping),
+        loss=f32(op.loss),
+        cg_iterations=jnp.asarray(result.num_steps, jnp.int32),
+        cg_residual=f32(result.residual_norm),
+        cg_stop_reason=jnp.asarray(result.stop_reason, jnp.int32),
+        reduction_ratio=control.reduction_ratio,
+        accepted=jnp.asarray(control.accepted),
+        solver=jnp.asarray(solver_code, jnp.int32),
+        step_size=f32(control.step_size),
+        rejected_steps=rejected_steps.astype(jnp.int32),
+        loss_scale=f32(jnp.nan_to_num(loss_scale)),
+        warned=jnp.asarray(warned),
+        rejection=jnp.asarray(control.rejection, jnp.int32),
+        damping_growth=f32(control.growth),
+        accepted_damping=f32(
+            jnp.where(control.accepted, damping, state.accepted_damping)
+        ),
+        grid_scale=f32(control.grid_scale),
+        preconditioned=jnp.asarray(solved.preconditioned),
+        reference_iterations=solved.reference_iterations,
+        solution=solution,
+        diagonal=diagonal,
+        momentum=momentum,
+        kfac=kfac,
+    )
+
+
 def scale_by_gauss_newton(
     loss_fn: LossFn = "mse",
     *,
     curvature: Curvature = "ggn",
     solver: str = "cg",
-    line_search: str | None = None,
+    line_search: str | None = "auto",
     max_matrix_bytes: int | None = None,
     damping: float = 1.0,
+    damping_rule: str = "nielsen",
     relative_damping: bool = False,
     adaptive_damping: bool = True,
     lower_threshold: float = 0.25,
     upper_threshold: float = 0.75,
     damping_decrease: float = 2 / 3,
     damping_increase: float = 3 / 2,
-    min_damping: float = 1e-8,
+    min_damping: float | None = None,
     max_damping: float = 1e8,
     cg_maxiter: int = 50,
     cg_tol: float = 1e-5,
@@ -678,7 +1013,7 @@ def scale_by_gauss_newton(
     relinearize: bool = False,
     throw: bool = False,
     warn: bool = True,
-    warn_after: int = 5,
+    warn_after: int = 8,
     axis_name: AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition the gradient with a damped curvature matrix (CG or exact).
@@ -692,9 +1027,14 @@ def scale_by_gauss_newton(
     [`eqx_ggn.gauss_newton`][].
 
     **Safe by default:** the Levenberg-Marquardt rule (`adaptive_damping=True`,
-    starting from `damping=1`) evaluates the loss at `θ - d` and rejects any step
-    that raises it, at the price of one more forward pass and one more product per
-    step. Opt out with `adaptive_damping=False` for a fixed damping.
+    starting from `damping=1`, Nielsen's update) evaluates the loss at `θ - d`
+    and rejects any step that raises it, at the price of one more forward pass
+    and one more product per step; every rejection changes the next trial, so no
+    run repeats a rejected step. The exact solvers add the grid line search and
+    let the damping fall to their rounding level (`line_search="auto"`,
+    `min_damping=None`): with every other keyword at its default they are the
+    recommended setting for full-batch least squares such as PINNs. Opt out with
+    `adaptive_damping=False` for a fixed damping.
 
     `update(updates, state, params, *, model_fn=None, model=None, batch=None,
     operator=None, **extra_args)`: `batch = {"input": X, "target": Y}`, and
@@ -726,25 +1066,45 @@ def scale_by_gauss_newton(
         solve that fits `max_matrix_bytes`, 1 GiB by default, else CG). Exact
         solves run in at least float32 and never return NaN for a singular
         system. See "Choosing a solver" and "KFAC" in the docs.
-    - `line_search`: `None` or `"grid"`: evaluate the loss at `θ - α d` for
+    - `line_search`: `"auto"` (default: `"grid"` for the exact solvers, `None`
+        for CG and KFAC), `None` or `"grid"`: evaluate the loss at `θ - α d` for
         `α = 2^-k`, `k = 0..15`, in one batched forward pass (ENGD's grid) and
-        take the best; `state.step_size` records `α`. With `adaptive_damping` the
-        Levenberg-Marquardt rule then judges the chosen step.
+        take the best; `state.step_size` records `α`. With `adaptive_damping` a
+        step is accepted when the chosen one lowers the loss, and then the
+        damping shrinks by 1/3 (the line search already guards the length; the
+        damping only regularizes the direction), down to `min_damping`: for the
+        exact solvers, ENGD-like undamped steps near a solution, and Nielsen's
+        growth wherever such steps fail. With a fixed damping, a step that no
+        grid size makes lower is rejected and the next grid is `2^-16` times
+        smaller (`state.grid_scale`), until one does.
     - `max_matrix_bytes`: the memory limit of `solver="auto"`, in bytes.
     - `damping`: the (initial) Tikhonov damping `λ`.
     - `relative_damping`: solve with `λ * L(θ)` instead of `λ` (Fan and Yuan's
         Levenberg-Marquardt variant `μ ||F||^2`); `state.damping` holds `λ`.
-    - `adaptive_damping`: the Levenberg-Marquardt rule. After
-        the solve, one more forward pass gives the reduction ratio
-        `rho = (L(θ - d) - L(θ)) / q(-d)`, `q(s) = ∇L^T s + s^T C s / 2`, on the same
-        batch (`d` taken as the whole step, i.e. learning rate 1). `rho <
-        lower_threshold` multiplies `λ` by `damping_increase`, `rho >
-        upper_threshold` by `damping_decrease`; `λ` is clipped to
-        `[min_damping, max_damping]`. A NaN `rho` or a loss increase rejects the step:
-        zero updates, and `λ` grows by `damping_increase`. With it, `damping` is
-        only the starting value; schedule `min_damping` to steer it.
-    - `lower_threshold`, `upper_threshold`, `damping_decrease`, `damping_increase`,
-        `min_damping`, `max_damping`: the rule's constants.
+    - `damping_rule`: how the Levenberg-Marquardt rule moves `λ`. `"nielsen"`
+        (default; Nielsen 1999, as in Madsen, Nielsen and Tingleff's LM notes): an
+        accepted step multiplies `λ` by `max(1/3, 1 - (2 rho - 1)^3)`, a rejected
+        one by a growth factor that starts at 2 and doubles with each rejection in
+        a row (8x after two, 1024x after four), so a run recovers from a too-small
+        `λ` in one or two rejections. `"threshold"`: the earlier rule, below.
+    - `adaptive_damping`: the Levenberg-Marquardt rule. After the solve, one more
+        forward pass gives the reduction ratio `rho = (L(θ - d) - L(θ)) / q(-d)`,
+        `q(s) = ∇L^T s + s^T C s / 2`, on the same batch (`d` taken as the whole
+        step, i.e. learning rate 1). A non-finite trial or a loss increase rejects
+        the step (zero updates; `state.rejection` says why) and `λ` grows. With
+        `damping_rule="threshold"`, `rho < lower_threshold` multiplies `λ` by
+        `damping_increase`, `rho > upper_threshold` by `damping_decrease`, and a
+        rejection by `damping_increase`. `λ` is clipped to `[min_damping,
+        max_damping]`; exact solvers also raise it to their factorization's
+        rounding level. With it, `damping` is only the starting value; schedule
+        `min_damping` to steer it. With `adaptive_damping=False` every rejection
+        still changes the next trial: the line search's grid shrinks.
+    - `lower_threshold`, `upper_threshold`, `damping_decrease`, `damping_increase`:
+        the constants of `damping_rule="threshold"`; `min_damping`, `max_damping`:
+        the damping's range under either rule. `min_damping=None` (default) is
+        1e-8 for CG and KFAC and, for the exact solvers, their factorization's
+        rounding level (`n * eps * max(diag)` of the matrix they factor), below
+        which a smaller damping would change nothing.
     - `cg_maxiter`, `cg_tol`, `cg_progress_tol`: CG's iteration cap, relative
         residual tolerance and Martens' progress tolerance (see [`eqx_ggn.cg`][]).
         `cg_maxiter` may be a traced integer (e.g. scheduled).
@@ -753,7 +1113,16 @@ def scale_by_gauss_newton(
     - `preconditioner`: `None`, `"jacobi"` (divide by a running average, decay
         `diagonal_decay`, of a one-sample Hutchinson estimate of the curvature's
         diagonal, clipped at 0, plus `λ`; one more product per step) or `"kfac"`
-        (the damped KFAC inverse; needs `model=`).
+        (the damped KFAC inverse; needs `model=`). The KFAC preconditioner is used
+        only while it pays: on each step that refreshes its inverse (every
+        `kfac_inverse_every` steps), CG also runs with the other choice, capped
+        at the first one's iterations, and the choice that converged in fewer
+        iterations (or reached a smaller residual) is kept; between refreshes, a
+        preconditioned solve that needs over 1.25 times the iterations plain CG
+        needed at the comparison (a stale inverse) makes the next step compare
+        again.
+        `state.preconditioned` records the choice, and `state.cg_iterations`
+        counts both runs on a refresh step.
     - `kfac_decay`, `kfac_inverse_every`, `weight_sharing`: KFAC's factors are a
         running average with this decay of [`eqx_ggn.kfac_factors`][] (with the
         step's `curvature`; `"fisher"` samples labels), their eigendecompositions
@@ -776,10 +1145,16 @@ def scale_by_gauss_newton(
         the incoming updates or CG's direction) raises an `eqx.error_if` runtime
         error naming the first cause, instead of returning zero updates.
     - `warn`, `warn_after`: emit one [`eqx_ggn.GaussNewtonWarning`][] (a
-        `UserWarning`) after `warn_after` rejected steps in a row, on the first one
-        with a definite cause (labels out of range, a non-finite batch,
-        probabilities given to a logits loss), or when the damping reaches
-        `max_damping`, naming the causes it measured. The host is called only then.
+        `UserWarning`) when the run stalls, i.e. after `warn_after` rejected steps
+        in a row that (with adaptive damping) also grew the damping by 1e4 since
+        the last accepted step; on the first rejection with a definite cause
+        (labels out of range, a non-finite batch, an incoming gradient 10% away
+        from the objective's, probabilities given to a logits loss); or when the
+        damping reaches `max_damping`. Under Nielsen's rule 8 rejections in a row
+        grow the damping 2^36-fold (7e10): healthy runs measured in
+        `docs/benchmarks.md` needed at most 7, on noisy mini-batches, and at
+        most 4 on full batches. It names the causes it measured. The host is
+        called only then.
     - `axis_name`: inside `jax.shard_map` (or `pmap`), the mapped axis that splits
         the batch over devices; see [`eqx_ggn.curvature_operator`][]. The loss,
         the gradient and every product are then summed over the shards, so every
@@ -832,6 +1207,7 @@ def scale_by_gauss_newton(
         curvature=curvature,
         solver=solver,
         line_search=line_search,
+        damping_rule=damping_rule,
         relative_damping=relative_damping,
         adaptive_damping=adaptive_damping,
         warm_start=warm_start,
@@ -850,7 +1226,7 @@ def scale_by_gauss_newton(
     _check_maxiter(cg_maxiter)
     _check_numbers(
         damping=(damping, 0, float("inf")),
-        min_damping=(min_damping, 0, float("inf")),
+        min_damping=(min_damping, 0, float("inf")),  # None: by solver
         max_damping=(max_damping, 0, float("inf")),
         cg_tol=(cg_tol, 0, float("inf")),
         momentum=(momentum, 0, 1),
@@ -861,6 +1237,10 @@ def scale_by_gauss_newton(
         damping_decrease=(damping_decrease, 0, 1),
         damping_increase=(damping_increase, 1, float("inf")),
         warn_after=(warn_after, 1, float("inf")),
+    )
+    cg_options = _CGOptions(cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay)
+    preconditioner_options = _PreconditionerOptions(
+        diagonal_decay, kfac_decay, kfac_inverse_every
     )
     lm_constants = {
         "lower_threshold": lower_threshold,
@@ -896,14 +1276,9 @@ def scale_by_gauss_newton(
         solve_lam = lam * op.loss if config.relative_damping else lam
         solver_name = resolve_solver(config.solver, op, max_matrix_bytes)
         diagonal, kfac, precond = _preconditioner(
-            config,
-            state,
-            op,
-            (model, params, batch),
-            solve_lam,
-            (diagonal_decay, kfac_decay, kfac_inverse_every),
+            config, state, op, model, params, batch, solve_lam, preconditioner_options
         )
-        result, curvature_direction = _solve(
+        solved = _solve(
             config,
             solver_name,
             op,
@@ -911,22 +1286,16 @@ def scale_by_gauss_newton(
             solve_lam,
             state,
             precond,
-            (cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay),
+            cg_options,
+            kfac_inverse_every,
         )
-        direction = result.value
-        finite = (
-            tree_all_finite(direction)
-            & tree_all_finite(updates)
-            & jnp.isfinite(op.loss)
-            & jnp.isfinite(solve_lam)
+        direction, finite = _checked_direction(
+            config, solved, updates, op, solve_lam, state_finite, batch
         )
-        if config.throw:
-            direction = _raise_if_not_finite(
-                direction, state_finite, solve_lam, batch, op, updates
-            )
         loss_scale = jnp.maximum(state.loss_scale, jnp.abs(op.loss))
-        step_size, accepted, new_damping, rho, failed = _control_step(
+        control = _control_step(
             config,
+            solver_name,
             lm_constants,
             model_fn,
             params,
@@ -934,12 +1303,15 @@ def scale_by_gauss_newton(
             op,
             direction,
             lam,
+            state,
             finite,
             loss_scale,
-            curvature_direction,
+            solved,
         )
-        direction = jax.tree.map(lambda d: (step_size * d).astype(d.dtype), direction)
-        rejected_steps = jnp.where(failed, state.rejected_steps + 1, 0)
+        direction = jax.tree.map(
+            lambda d: (control.step_size * d).astype(d.dtype), direction
+        )
+        rejected_steps = jnp.where(control.failed, state.rejected_steps + 1, 0)
         warned = state.warned
         if config.warn:
             warned = _warn_on_failures(
@@ -947,36 +1319,33 @@ def scale_by_gauss_newton(
                 op,
                 updates,
                 batch,
-                state.warned,
-                failed,
+                state,
+                control,
                 rejected_steps,
-                (warn_after, max_damping, lam, new_damping),
+                warn_after,
+                max_damping,
             )
-
         step, momentum_buffer, solution = _buffers(
-            config, state, direction, accepted, momentum if config.heavy_ball else None
+            config,
+            state,
+            direction,
+            control.accepted,
+            momentum if config.heavy_ball else None,
         )
-        new_state = ScaleByGaussNewtonState(
-            count=state.count + 1,
-            damping=jnp.asarray(new_damping, jnp.float32),
-            loss=jnp.asarray(op.loss, jnp.float32),
-            cg_iterations=jnp.asarray(result.num_steps, jnp.int32),
-            cg_residual=jnp.asarray(result.residual_norm, jnp.float32),
-            cg_stop_reason=jnp.asarray(result.stop_reason, jnp.int32),
-            reduction_ratio=rho,
-            accepted=jnp.asarray(accepted),
-            solver=jnp.asarray(SOLVER_CODES[solver_name], jnp.int32),
-            step_size=jnp.asarray(step_size, jnp.float32),
-            rejected_steps=rejected_steps.astype(jnp.int32),
-            loss_scale=jnp.nan_to_num(loss_scale).astype(jnp.float32),
-            warned=jnp.asarray(warned),
-            solution=solution,
-            diagonal=diagonal,
-            momentum=momentum_buffer,
-            kfac=kfac,
+        new_state = _next_state(
+            state,
+            op,
+            solved,
+            control,
+            SOLVER_CODES[solver_name],
+            lam,
+            rejected_steps,
+            warned,
+            loss_scale,
+            (solution, diagonal, momentum_buffer, kfac),
         )
         zeros = jax.tree.map(jnp.zeros_like, step)
-        return tree_where(accepted, step, zeros), new_state
+        return tree_where(control.accepted, step, zeros), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

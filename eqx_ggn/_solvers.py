@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
+from ._batching import to_microbatches, vary_over_shards
 from ._cg import CGResult, CGStop, cg
 from ._losses import LossFn, loss_hessian_root
-from ._operator import to_microbatches, vary_over_shards
 
 
 EXACT_SOLVERS = ("dense", "sample_space")
@@ -79,6 +79,13 @@ def curvature_factor(
     return _Factor(root * rows.reshape(-1, flat.size), root * w.reshape(-1))
 
 
+def rounding_floor(matrix: Float[Array, "n n"]) -> Float[Array, ""]:
+    """The Cholesky's rounding level `n * eps * max(diag)`: a smaller damping
+    changes nothing a factorization can resolve."""
+    n = matrix.shape[0]
+    return n * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.diagonal(matrix))
+
+
 def _solve_spd(
     matrix: Float[Array, "n n"],
     damping: Float[Array, ""],
@@ -95,7 +102,7 @@ def _solve_spd(
     rounding in the null space.
     """
     n = matrix.shape[0]
-    floor = n * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.diagonal(matrix))
+    floor = rounding_floor(matrix)
     shifted = matrix + jnp.maximum(damping, floor) * jnp.eye(n, dtype=matrix.dtype)
     chol = jnp.linalg.cholesky(shifted)
     solved = jax.scipy.linalg.cho_solve((chol, True), rhs)
@@ -156,9 +163,10 @@ def _relative_residual(matrix_times_d, d, damping, rhs) -> Array:
     return jnp.linalg.norm(residual) / jnp.maximum(jnp.linalg.norm(rhs), 1e-300)
 
 
-def solve_dense(s: Any, rhs: PyTree, damping: Array) -> CGResult:
+def solve_dense(s: Any, rhs: PyTree, damping: Array) -> tuple[CGResult, Array]:
     """`(C + λ I) d = rhs` with `C` materialized in parameter space (P x P), for
-    a `CurvatureOperator` `s` (its Hessian from `P` products)."""
+    a `CurvatureOperator` `s` (its Hessian from `P` products); also the
+    factorization's rounding level (see `rounding_floor`)."""
     dtype = _compute_dtype(s.params)
     flat_rhs, unravel = ravel_pytree(rhs)
     out_dtype = flat_rhs.dtype
@@ -192,11 +200,12 @@ def solve_dense(s: Any, rhs: PyTree, damping: Array) -> CGResult:
     d = _solve_spd(matrix, lam, flat_rhs[:, None], pseudo_inverse_below_floor=singular)
     d = d[:, 0]
     residual = _relative_residual(matrix @ d, d, lam, flat_rhs)
-    return _result(unravel(d.astype(out_dtype)), residual)
+    return _result(unravel(d.astype(out_dtype)), residual), rounding_floor(matrix)
 
 
-def solve_sample_space(s: Any, rhs: PyTree, damping: Array) -> CGResult:
-    """`(C + λ I) d = rhs` through the (N O) x (N O) kernel `A A^T`.
+def solve_sample_space(s: Any, rhs: PyTree, damping: Array) -> tuple[CGResult, Array]:
+    """`(C + λ I) d = rhs` through the (N O) x (N O) kernel `A A^T`, and the
+    factorization's rounding level (the kernel's nonzero spectrum is `C`'s).
 
     With `rhs = g + δ`, `g = A^T w` the objective's gradient: for `λ > 0`,
     `d = A^T (K + λ)^{-1} (w - A δ / λ) + δ / λ` (Woodbury for `δ`), and for
@@ -240,7 +249,7 @@ def solve_sample_space(s: Any, rhs: PyTree, damping: Array) -> CGResult:
     coefficients = jax.lax.cond(positive, lambda _: y - z / safe, min_norm, None)
     d = coefficients @ a + jnp.where(positive, delta / safe, 0)
     residual = _relative_residual((a @ d) @ a, d, lam, flat_rhs)
-    return _result(unravel(d.astype(out_dtype)), residual)
+    return _result(unravel(d.astype(out_dtype)), residual), rounding_floor(kernel)
 
 
 def choose_solver(
@@ -323,8 +332,10 @@ def solve_with(
     preconditioner: Callable | None = None,
     progress_tol: float | Array = 0.0,
     max_matrix_bytes: int | None = None,
-) -> CGResult:
-    """`(C + damping I)^{-1} rhs` with the named solver, for a `CurvatureOperator`."""
+) -> tuple[CGResult, Array]:
+    """`(C + damping I)^{-1} rhs` with the named solver, for a `CurvatureOperator`,
+    and the damping below which an exact solve's factorization cannot resolve
+    anything (0 for CG and KFAC)."""
     solver = resolve_solver(solver, op, max_matrix_bytes)
     if solver == "kfac":
         if preconditioner is None:
@@ -333,14 +344,14 @@ def solve_with(
                 "hold: pass it as preconditioner= (see eqx_ggn.kfac_inverse), or use "
                 "solver='kfac' in eqx_ggn.scale_by_gauss_newton."
             )
-        return _result(preconditioner(rhs), jnp.nan)
+        return _result(preconditioner(rhs), jnp.nan), jnp.zeros([], jnp.float32)
     if solver == "cg":
         lam = jnp.asarray(damping, jnp.float32)
 
         def damped_mv(v):
             return jax.tree.map(lambda cv, x: cv + lam.astype(x.dtype) * x, op.mv(v), v)
 
-        return cg(
+        result = cg(
             damped_mv,
             rhs,
             x0,
@@ -349,5 +360,6 @@ def solve_with(
             preconditioner=preconditioner,
             progress_tol=progress_tol,
         )
+        return result, jnp.zeros([], jnp.float32)
     exact = solve_dense if solver == "dense" else solve_sample_space
     return exact(op, rhs, damping)

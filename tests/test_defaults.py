@@ -194,7 +194,14 @@ def test_inject_hyperparams_needs_no_static_args(x64):
         lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model
     )
     params = eqx.filter(model, eqx.is_inexact_array)
-    kwargs = {"loss_fn": "cross_entropy", "warm_start": True, "momentum": 0.5}
+    # min_damping keeps the solves well conditioned: the two programs fuse
+    # differently, and a smaller damping would amplify that rounding past 1e-12.
+    kwargs = {
+        "loss_fn": "cross_entropy",
+        "warm_start": True,
+        "momentum": 0.5,
+        "min_damping": 0.2,
+    }
     plain = eqx_ggn.gauss_newton(0.7, **kwargs)
     injected = optax.inject_hyperparams(eqx_ggn.gauss_newton)(0.7, **kwargs)
     s1, s2 = plain.init(params), injected.init(params)

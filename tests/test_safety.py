@@ -59,7 +59,8 @@ def test_non_finite_batch_rejects_the_step_and_grows_the_damping(corrupt):
     new_params, updates, new_state = step(params, state, bad)
     inner = new_state[0]
     assert not bool(inner.accepted)
-    assert float(inner.damping) == pytest.approx(1e-2 * 1.5, rel=1e-6)
+    assert float(inner.damping) == pytest.approx(1e-2 * 2, rel=1e-6)
+    assert int(inner.rejection) == eqx_ggn.StepRejection.NON_FINITE
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     assert all(
         bool(jnp.array_equal(a, b))

@@ -123,6 +123,7 @@ def test_logistic_regression_converges_quadratically(solver):
         solver=solver,
         damping=0.0,
         adaptive_damping=False,
+        line_search=None,  # the plain Newton step
     )
     state, norms = opt.init(params), []
     step = jax.jit(lambda p, s, g: opt.update(g, s, p, model_fn=model_fn, batch=batch))
@@ -175,8 +176,8 @@ def test_step_control_when_the_full_step_raises_the_loss(rule):
     }
     assert eqx_ggn.value_and_grad(model_fn, full, batch, "mse")[0] > loss
     kwargs = {"line_search": "grid", "adaptive_damping": False}
-    if rule == "levenberg_marquardt":
-        kwargs = {"adaptive_damping": True}
+    if rule == "levenberg_marquardt":  # the rule alone, without the grid
+        kwargs = {"adaptive_damping": True, "line_search": None}
     opt = eqx_ggn.gauss_newton(
         1.0, loss_fn="mse", solver="dense", damping=0.0, **kwargs
     )
