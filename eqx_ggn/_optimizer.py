@@ -381,7 +381,7 @@ def _initial_state(
         damping_growth=jnp.asarray(2.0, jnp.float32),
         accepted_damping=jnp.asarray(damping, jnp.float32),
         grid_scale=jnp.ones([], jnp.float32),
-        preconditioned=jnp.asarray(config.preconditioner == "kfac"),
+        preconditioned=jnp.asarray(False),  # KFAC must first win a comparison
         reference_iterations=jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32),
         solution=zeros() if config.warm_start else None,
         diagonal=zeros() if config.preconditioner == "jacobi" else None,
@@ -552,7 +552,8 @@ def _adaptive_kfac_cg(
     it was capped and lost). Comparisons run on the steps that refresh the KFAC
     inverse, and on the step after a preconditioned solve that needed over
     `_STALE` times the reference (a stale inverse, or a changed problem). A
-    comparison costs at most twice a solve. Returns the result, the choice for
+    comparison costs at most twice the current choice's solve (plain CG's at
+    the first step, where every run starts). Returns the result, the choice for
     the next step and the reference (-1: compare next).
     """
     tol = jnp.asarray(tol, jnp.float32)
@@ -590,8 +591,7 @@ def _adaptive_kfac_cg(
 
     refresh = (state.count % jnp.maximum(jnp.asarray(inverse_every), 1)) == 0
     refresh |= state.reference_iterations < 0
-    result, use, reference = jax.lax.cond(refresh, compare, keep, state.preconditioned)
-    return result, None, use, reference
+    return jax.lax.cond(refresh, compare, keep, state.preconditioned)
 
 
 def _rescale_kfac_step(

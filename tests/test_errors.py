@@ -159,3 +159,23 @@ def test_loss_functions_take_python_labels():
     assert jnp.allclose(eqx_ggn.cross_entropy_loss(logits, 1), expected)
     with pytest.raises(ValueError, match="class axis"):
         eqx_ggn.cross_entropy_loss(jnp.array(1.0), 0)
+
+
+def test_optimizer_errors_name_the_fix():
+    """`model=` given the filtered parameters, and an operator of another
+    curvature: ValueErrors that say what to pass instead; an unknown
+    damping_rule is named at construction."""
+    model, data = make_problem("labels")
+    params = eqx.filter(model, eqx.is_inexact_array)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    opt = eqx_ggn.gauss_newton(1.0, loss_fn="cross_entropy", warn=False)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="whole module as model="):
+        opt.update(grads, state, params, model=params, batch=data)
+    op = eqx_ggn.curvature_operator(
+        model=model, data=data, loss_fn="cross_entropy", curvature="fisher"
+    )
+    with pytest.raises(ValueError, match=r"value_and_grad\(\.\.\., curvature='ggn'"):
+        opt.update(grads, state, params, model=model, batch=data, operator=op)
+    with pytest.raises(ValueError, match="Unknown damping_rule 'more'"):
+        eqx_ggn.gauss_newton(1.0, damping_rule="more")
