@@ -11,6 +11,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ._batching import sum_over_shards
 from ._cg import CGResult, CGStop
 from ._checks import check_like
 from ._diagnostics import is_definite, step_diagnostics, warn_if
@@ -730,7 +731,7 @@ def _control_step(
             ~finite,
         )
 
-    def loss_at(alpha):
+    def loss_at(alpha, axis_name=config.axis_name):
         trial = jax.tree.map(
             lambda p, d: p - alpha.astype(d.dtype) * d, params, direction
         )
@@ -742,12 +743,18 @@ def _control_step(
             op.factor,
             config.vmap_over_data,
             config.num_microbatches,
-            config.axis_name,
+            axis_name,
         )
 
     grid_scale = state.grid_scale if not config.adaptive_damping else one
     if line_search == "grid":
-        step_size, new_loss = grid_line_search(loss_at, scale=grid_scale)
+        # Each shard's grid of losses, then one sum over the shards: a `psum`
+        # under the grid's `vmap` fails inside `shard_map` on jax 0.8.2.
+        step_size, new_loss = grid_line_search(
+            lambda alpha: loss_at(alpha, None),
+            scale=grid_scale,
+            total=lambda values: sum_over_shards(values, config.axis_name),
+        )
     else:
         step_size, new_loss = one, loss_at(one)
     new_loss = jnp.where(finite, new_loss, jnp.nan)  # rejects the step

@@ -184,6 +184,7 @@ def grid_line_search(
     objective: Callable[[Float[Array, ""]], Float[Array, ""]],
     step_sizes: tuple[float, ...] = GRID_STEP_SIZES,
     scale: float | Float[Array, ""] = 1.0,
+    total: Callable[[Float[Array, " k"]], Float[Array, " k"]] | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """The step size on a grid that minimizes `objective`, all evaluated at once.
 
@@ -194,6 +195,8 @@ def grid_line_search(
     - `step_sizes`: the grid, by default `2^-k` for `k = 0, ..., 15`.
     - `scale`: multiplies the grid (the optimizer shrinks it after a step that
         no grid point could make, so that the next trial differs).
+    - `total`: applied to the vector of losses before the choice (the optimizer
+        sums the shards' losses here, outside the `vmap`).
 
     **Returns:**
 
@@ -202,6 +205,8 @@ def grid_line_search(
     """
     sizes = jnp.asarray(scale, jnp.float32) * jnp.asarray(step_sizes, jnp.float32)
     values = jax.vmap(objective)(sizes)
+    if total is not None:
+        values = total(values)
     values = jnp.where(jnp.isfinite(values), values, jnp.inf)
     best = jnp.argmin(values)
     return sizes[best], values[best]
