@@ -36,3 +36,91 @@ class Autoencoder(eqx.Module):
 
 
 AUTOENCODER_SIZES = [64, 128, 64, 32, 8, 32, 64, 128, 64]
+
+
+def python_text(num_chars=400_000, vocab=96):
+    """`(train, valid)` int32 arrays of character ids from the Python standard
+    library's own sources (local files: no download). Printable ASCII and the
+    newline map to `0..vocab-2`, everything else to `vocab-1`."""
+    import os
+
+    root = os.path.dirname(os.__file__)
+    names = sorted(n for n in os.listdir(root) if n.endswith(".py"))
+    text, size = [], 0
+    for name in names:
+        with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+            chunk = f.read()
+        text.append(chunk)
+        size += len(chunk)
+        if size >= num_chars:
+            break
+    codes = np.frombuffer(
+        "".join(text)[:num_chars].encode("ascii", "replace"), np.uint8
+    )
+    ids = np.where(codes == 10, 0, codes.astype(np.int32) - 31)
+    ids = np.where((ids >= 0) & (ids < vocab - 1), ids, vocab - 1)
+    split = int(0.9 * len(ids))
+    return jnp.asarray(ids[:split]), jnp.asarray(ids[split:])
+
+
+def text_batch(data, key, batch_size, context):
+    """`{"input": (B, T), "target": (B, T)}`: random windows and the next chars."""
+    starts = jax.random.randint(key, (batch_size,), 0, len(data) - context - 1)
+    window = jax.vmap(lambda s: jax.lax.dynamic_slice(data, (s,), (context + 1,)))(
+        starts
+    )
+    return {"input": window[:, :-1], "target": window[:, 1:]}
+
+
+class Block(eqx.Module):
+    """Pre-LayerNorm transformer block: causal self-attention, then a GELU MLP."""
+
+    norm1: eqx.nn.LayerNorm
+    attention: eqx.nn.MultiheadAttention
+    norm2: eqx.nn.LayerNorm
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+
+    def __init__(self, width, heads, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.norm1 = eqx.nn.LayerNorm(width)
+        self.attention = eqx.nn.MultiheadAttention(heads, width, key=k1)
+        self.norm2 = eqx.nn.LayerNorm(width)
+        self.up = eqx.nn.Linear(width, 4 * width, key=k2)
+        self.down = eqx.nn.Linear(4 * width, width, key=k3)
+
+    def __call__(self, x):
+        t = x.shape[0]
+        h = jax.vmap(self.norm1)(x)
+        mask = jnp.tril(jnp.ones((t, t), bool))
+        x = x + self.attention(h, h, h, mask=mask)
+        h = jax.vmap(self.norm2)(x)
+        return x + jax.vmap(self.down)(jax.nn.gelu(jax.vmap(self.up)(h)))
+
+
+class CharTransformer(eqx.Module):
+    """A character-level GPT in the shape of Equinox's BERT example: token and
+    position `Embedding`s, `Block`s, a final LayerNorm and a `Linear` head, mapping
+    `(T,)` ids to `(T, vocab)` logits."""
+
+    tokens: eqx.nn.Embedding
+    positions: eqx.nn.Embedding
+    blocks: list
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, vocab, width, depth, heads, context, key):
+        keys = jax.random.split(key, depth + 3)
+        self.tokens = eqx.nn.Embedding(vocab, width, key=keys[0])
+        self.positions = eqx.nn.Embedding(context, width, key=keys[1])
+        self.blocks = [Block(width, heads, k) for k in keys[3:]]
+        self.norm = eqx.nn.LayerNorm(width)
+        self.head = eqx.nn.Linear(width, vocab, key=keys[2])
+
+    def __call__(self, ids):
+        x = jax.vmap(self.tokens)(ids) + jax.vmap(self.positions)(
+            jnp.arange(ids.shape[0])
+        )
+        for block in self.blocks:
+            x = block(x)
+        return jax.vmap(self.head)(jax.vmap(self.norm)(x))

@@ -22,8 +22,16 @@ like extra samples, `A = mean_{n,r} a a^T`, `G = factor * sum_{n,r,k} g g^T`;
 `"reduce"` first sums the uses, `A = mean_n â â^T` with `â` the mean input over
 the uses, `G = factor * sum_{n,k} ĝ ĝ^T` with `ĝ` the summed output gradient.
 Both equal plain KFAC when each layer is used once per sample.
+
+Cost: the statistics need one forward and one backward pass (per column of the
+loss Hessian's root for the exact GGN; one for the sampled Fisher). The Gram
+matrices `sum a a^T`, `sum g g^T` are computed by `_gram`, whose batching rule
+folds every mapped axis (the batch, a sequence under `vmap`) into the rows of one
+`(B·R) x n` matrix product, so no per-use outer product is ever formed. A factor
+larger than `max_dim` is kept as its diagonal.
 """
 
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,6 +39,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._batching import vary_over_shards
@@ -38,6 +47,10 @@ from ._losses import LossFn, loss_hessian_root, resolve_loss
 
 
 WEIGHT_SHARING = ("expand", "reduce")
+# Factors above this size are diagonal by default: a dense `d x d` factor costs
+# `4 d^2` bytes and an eigendecomposition of order `d^3` (0.6 s at 2048, 4.4 s at
+# 4096 on 2 CPU cores; see docs/kfac.md).
+MAX_DIM = 2048
 
 
 class KroneckerFactor(NamedTuple):
@@ -48,6 +61,9 @@ class KroneckerFactor(NamedTuple):
         (the inputs are one-hot).
     - `g`: `(m, m)`, the output-gradient second moment, `m` the output features
         (channels for a convolution).
+
+    A factor whose size is above `max_dim` (see [`eqx_ggn.kfac_factors`][]) is
+    its diagonal, a vector, instead.
 
     In the flattened order of `weight` `(m, n)` (with the bias appended as a last
     column), the block is `kron(g, a)`; for an embedding's `weight` `(n, m)` it is
@@ -71,7 +87,7 @@ class KroneckerFactor(NamedTuple):
     """
 
     a: Float[Array, "n n"] | Float[Array, " n"]
-    g: Float[Array, "m m"]
+    g: Float[Array, "m m"] | Float[Array, " m"]
 
 
 class KroneckerEigen(NamedTuple):
@@ -81,7 +97,7 @@ class KroneckerEigen(NamedTuple):
     a_values: Float[Array, " n"]
     a_vectors: Float[Array, "n n"] | None
     g_values: Float[Array, " m"]
-    g_vectors: Float[Array, "m m"]
+    g_vectors: Float[Array, "m m"] | None
 
 
 class KFACState(NamedTuple):
@@ -192,44 +208,117 @@ def _output_rows(layer: Any, cotangent: Array, dtype: Any) -> Array:
     return jnp.reshape(cotangent, (1, -1)).astype(dtype)
 
 
-class _Probe(NamedTuple):
-    """Zero arrays whose cotangents are a layer's statistics.
+class _Layout(NamedTuple):
+    """How a captured layer's block is built: `expand` (per-use statistics) or
+    reduce, and which factors are diagonal (an embedding's `A`; any factor above
+    `max_dim`)."""
 
-    `a_outer`, `g_outer` (shared by the batch): `sum a a^T`, `sum g g^T` over the
-    uses; `a_sum`, `g_sum`, `uses` (one per sample): `sum a`, `sum g`, `R`.
+    expand: bool
+    a_diagonal: bool
+    g_diagonal: bool
+
+
+def _layout(spec: Any, weight_sharing: str, max_dim: int) -> _Layout:
+    n, m = _block_sizes(spec)
+    embedding = isinstance(spec, eqx.nn.Embedding)
+    # Embeddings always expand (their inputs are one-hot).
+    expand = weight_sharing == "expand" or embedding
+    return _Layout(expand, embedding or n > max_dim, m > max_dim)
+
+
+def _fold_mapped_axis(function: Callable) -> Callable:
+    """`function(rows, marker)`, a sum over the rows, with a batching rule that
+    folds the mapped axis into the rows and returns the total unbatched: under the
+    statistics' own `vmap`s (over samples, uses, or the columns of the loss
+    Hessian's root) it stays one matrix product over all rows, and its cotangent
+    is not summed again. `marker` is a zero scalar that depends on everything the
+    caller is given: a `vmap` that maps it is the caller's own (over batches or
+    keys), and is mapped as usual."""
+    folded = custom_vmap(function)
+
+    @folded.def_vmap
+    def rule(axis_size, in_batched, rows, marker):
+        rows_batched, marker_batched = in_batched
+        if marker_batched:  # a caller's vmap: one result per element
+            if not rows_batched:
+                rows = jnp.broadcast_to(rows, (axis_size, *rows.shape))
+            return jax.vmap(function)(rows, marker), True
+        if rows_batched:
+            rows = rows.reshape(-1, rows.shape[-1])
+        return folded(rows, marker), False
+
+    return folded
+
+
+_gram = _fold_mapped_axis(lambda rows, marker: rows.T @ rows + marker)  # sum x x^T
+_square_sum = _fold_mapped_axis(lambda rows, marker: jnp.sum(rows * rows, 0) + marker)
+
+
+def _marker(*trees: Any) -> Array:
+    """A zero scalar that depends on every array in `trees` (see
+    `_fold_mapped_axis`); zero also for non-finite values."""
+    zero = jnp.zeros((), jnp.float32)
+    for leaf in jax.tree.leaves(trees):
+        if not eqx.is_array(leaf):
+            continue
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        # `leaf == leaf`, not `isfinite` (a constant for integers).
+        zero = zero + 0 * jnp.sum(leaf == leaf).astype(jnp.float32)
+    return zero
+
+
+class _Probe(NamedTuple):
+    """Zero arrays whose cotangents are a layer's statistics (`None` where the
+    layout needs none).
+
+    `a_outer`, `g_outer` (expand; shared by the batch): `sum a a^T`, `sum g g^T`
+    over all uses, or their diagonals; `a_sum`, `g_sum` (reduce; one per sample):
+    `sum a`, `sum g` over the uses; `uses` (one per sample): `R`; `marker`
+    (shared): the zero scalar of `_marker`.
     """
 
-    a_outer: Array
-    g_outer: Array
-    a_sum: Array
-    g_sum: Array
+    a_outer: Array | None
+    g_outer: Array | None
+    a_sum: Array | None
+    g_sum: Array | None
     uses: Array
+    marker: Array
 
 
-def _observe(layer: Any, bias: bool, x: Array, y: Array, probe: _Probe) -> Array:
+def _observe(
+    layer: Any, layout: _Layout, bias: bool, x: Array, y: Array, probe: _Probe
+) -> Array:
     """`y`, unchanged; its VJP returns the layer's statistics as `probe`'s cotangent."""
     static = eqx.filter(layer, eqx.is_array, inverse=True)  # no arrays closed over
-    dtype = probe.g_outer.dtype
+    dtype = probe.uses.dtype
 
     @jax.custom_vjp
     def observe(x, y, probe):
         return y
 
     def forward(x, y, probe):
-        return y, x
+        return y, (x, probe.marker)
 
-    def backward(x, cotangent):
+    def backward(residuals, cotangent):
+        x, marker = residuals
         a = _input_rows(static, x, bias, dtype)
         g = _output_rows(static, cotangent, dtype)
-        diagonal = isinstance(static, eqx.nn.Embedding)
+        marker = marker.astype(dtype)
+
+        def outer(rows, diagonal):
+            return (_square_sum if diagonal else _gram)(rows, marker)
+
+        expand = layout.expand
         # The use count depends on the input through a zero: under `vmap`, a
         # constant cotangent would not be summed over the mapped axis.
         stats = _Probe(
-            a_outer=jnp.sum(a * a, 0) if diagonal else a.T @ a,
-            g_outer=g.T @ g,
-            a_sum=jnp.sum(a, 0),
-            g_sum=jnp.sum(g, 0),
+            a_outer=outer(a, layout.a_diagonal) if expand else None,
+            g_outer=outer(g, layout.g_diagonal) if expand else None,
+            a_sum=None if expand else jnp.sum(a, 0),
+            g_sum=None if expand else jnp.sum(g, 0),
             uses=a.shape[0] + 0 * jnp.sum(a),
+            marker=jnp.zeros_like(marker),
         )
         if jnp.issubdtype(x.dtype, jnp.inexact):
             x_cotangent = jnp.zeros_like(x)
@@ -246,28 +335,30 @@ class _Tap(eqx.Module):
 
     layer: Any
     probe: _Probe
+    layout: _Layout = eqx.field(static=True)
     bias: bool = eqx.field(static=True)
 
     def __getattr__(self, name):  # the layer's fields, e.g. `in_features`
         return getattr(self.layer, name)
 
     def __call__(self, x, *args, **kwargs):
-        return _observe(
-            self.layer, self.bias, x, self.layer(x, *args, **kwargs), self.probe
-        )
+        y = self.layer(x, *args, **kwargs)
+        return _observe(self.layer, self.layout, self.bias, x, y, self.probe)
 
 
-def _zero_probe(spec: Any, num_samples: int) -> _Probe:
+def _zero_probe(spec: Any, layout: _Layout, num_samples: int, marker: Array) -> _Probe:
     n, m = _block_sizes(spec)
     dtype = _stat_dtype(spec)
-    a_outer = (n,) if isinstance(spec, eqx.nn.Embedding) else (n, n)
-    return _Probe(
-        jnp.zeros(a_outer, dtype),
-        jnp.zeros((m, m), dtype),
-        jnp.zeros((num_samples, n), dtype),
-        jnp.zeros((num_samples, m), dtype),
-        jnp.zeros((num_samples,), dtype),
-    )
+    marker = marker.astype(dtype)
+    # Zeros that depend on the marker: mapped by a caller's `vmap`, so their
+    # cotangents stay one per element of the caller's map.
+    zeros = lambda *shape: jnp.zeros(shape, dtype) + marker
+    if layout.expand:
+        a = zeros(n) if layout.a_diagonal else zeros(n, n)
+        g = zeros(m) if layout.g_diagonal else zeros(m, m)
+        return _Probe(a, g, None, None, zeros(num_samples), marker)
+    sums = zeros(num_samples, n), zeros(num_samples, m)
+    return _Probe(None, None, *sums, zeros(num_samples), marker)
 
 
 def _sample_output_cotangents(
@@ -325,26 +416,50 @@ def _sample_output_cotangents(
     return jnp.swapaxes(jax.vmap(columns)(predictions, target), 0, 1)
 
 
-def _expand_outer_products(
-    pullback: Callable, cotangents: Array, shared: list, needed: Array
-) -> tuple[list, list]:
-    """The per-use outer products `sum a a^T` and `sum_k g g^T` of every layer when
-    `needed` (some expanding layer is used more than once per sample), else
-    zeros: one pass for `A`, then one per column `k` in sequence, which bounds
-    memory. A layer used once per sample gets the same factors from its
-    per-sample sums, for free."""
-    zeros = ([a for a, _ in shared], [g for _, g in shared])
+def _memory_limit() -> int:
+    """Half the memory of the default device (the host's RAM on CPU)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
-    def outer(_):
-        a_outer = [a for a, _ in pullback(cotangents[0])[0]]
 
-        def column(c):
-            return [g for _, g in pullback(c)[0]]
+def _jaxpr_bytes(jaxpr: Any) -> int:
+    """The bytes of every value a jaxpr computes, its sub-jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = var.aval
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                total += int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    total += _jaxpr_bytes(sub)
+    return total
 
-        g_outer = [jnp.sum(g, 0) for g in jax.lax.map(column, cotangents)]
-        return a_outer, g_outer
 
-    return jax.lax.cond(needed, outer, lambda _: zeros, None)
+def _check_ggn_columns(predict: Callable, args: tuple, predictions: Array) -> None:
+    """Before any allocation: the exact GGN pulls back one column of the loss
+    Hessian's root per output of a sample, all at once. Raise if that needs more
+    than half the device's memory."""
+    columns = int(np.prod(predictions.shape[1:]))
+    if columns <= 1:
+        return
+    needed = columns * _jaxpr_bytes(jax.make_jaxpr(predict)(*args).jaxpr)
+    limit = _memory_limit()
+    if needed > limit:
+        raise ValueError(
+            f"curvature='ggn' KFAC factors pull back one column of the loss "
+            f"Hessian's square root per output, {columns} for outputs of shape "
+            f"{predictions.shape[1:]} per sample, all at once: about "
+            f"{needed / 2**30:.1f} GiB, over half this device's memory "
+            f"({limit / 2**30:.1f} GiB). Use curvature='fisher' (one label sampled "
+            "per output: one backward pass, unbiased for the GGN), or a smaller "
+            "batch."
+        )
 
 
 def check_weight_sharing(weight_sharing: str) -> None:
@@ -363,11 +478,13 @@ def curvature_statistics(
     *,
     curvature: str = "ggn",
     weight_sharing: str = "expand",
+    max_dim: int = MAX_DIM,
     factor: float | Array | None = None,
     key: PRNGKeyArray | None = None,
     axis_name: Any = None,
 ) -> PyTree:
-    """The KFAC factors of one batch, aligned with `trained` (see `kfac_factors`)."""
+    """The KFAC factors of one batch, aligned with `trained` (see `kfac_factors`):
+    one forward pass and one backward pass per pulled-back column."""
     check_weight_sharing(weight_sharing)
     inputs, target = batch["input"], batch["target"]
     num_samples = jax.tree.leaves(inputs)[0].shape[0]
@@ -378,9 +495,17 @@ def curvature_statistics(
         model,
         trained,
     )
-    shared = [_zero_probe(s, num_samples) for s in specs]
-    per_sample = [(p.a_sum, p.g_sum, p.uses) for p in shared]
-    shared = [(p.a_outer, p.g_outer) for p in shared]
+    layouts = [_layout(s, weight_sharing, max_dim) for s in specs]
+    # Batched exactly when the caller maps this function (over batches, keys or
+    # models): `_gram` then keeps one result per element of the caller's map.
+    marker = _marker(inputs, target, trained, key)
+    probes = [
+        _zero_probe(spec, layout, num_samples, marker)
+        for spec, layout in zip(specs, layouts, strict=True)
+    ]
+    # The per-sample parts are mapped over the batch, the rest is shared by it.
+    per_sample = [(p.a_sum, p.g_sum, p.uses) for p in probes]
+    shared = [(p.a_outer, p.g_outer, p.marker) for p in probes]
     batched = [jnp.broadcast_to(x, (num_samples, *x.shape)) for x in others]
     # Under shard_map each shard's statistics differ: the probes vary with it.
     shared, per_sample, batched = vary_over_shards(
@@ -390,11 +515,15 @@ def curvature_statistics(
     def predict(shared, per_sample, batched):
         def one(x, sample_probes, sample_others):
             probes = iter(
-                _Probe(*s, *p) for s, p in zip(shared, sample_probes, strict=True)
+                _Probe(a, g, *p, marker)
+                for (a, g, marker), p in zip(shared, sample_probes, strict=True)
             )
+            layout = iter(layouts)
             leaves = iter(sample_others)
             tapped = _map_blocks(
-                lambda node, spec: _Tap(node, next(probes), _has_bias(spec)),
+                lambda node, spec: _Tap(
+                    node, next(probes), next(layout), _has_bias(spec)
+                ),
                 lambda leaf: next(leaves),
                 model,
                 trained,
@@ -403,51 +532,42 @@ def curvature_statistics(
 
         return jax.vmap(one)(inputs, per_sample, batched)
 
-    predictions, pullback = jax.vjp(predict, shared, per_sample, batched)
+    args = (shared, per_sample, batched)
+    predictions, pullback = jax.vjp(predict, *args)
+    if curvature == "ggn":
+        _check_ggn_columns(predict, args, predictions)
     cotangents = _sample_output_cotangents(loss_fn, curvature, predictions, target, key)
-    # The per-sample sums (cheap: no outer products), one pass per column k.
-    sample_ct, others_ct = jax.vmap(lambda c: pullback(c)[1:])(cotangents)
+    # One backward pass per column k. The Gram matrices come back summed over k
+    # (and over the batch and the uses) by `_gram`'s batching rule, so are the
+    # same in every row k; the per-sample sums and the other leaves do not.
+    shared_ct, sample_ct, others_ct = jax.vmap(pullback)(cotangents)
     if factor is None:
         factor = 1.0 / num_samples
     total = lambda x: x if axis_name is None else jax.lax.psum(x, axis_name)
-    uses = [total(jnp.sum(u[0])) for _, _, u in sample_ct]
-
-    def on_every_shard(flag):
-        if axis_name is None:
-            return flag
-        return jax.lax.pmin(flag.astype(jnp.int32), axis_name).astype(bool)
-
-    single = [  # every sample uses the layer once
-        on_every_shard(jnp.all(ct[2][0] == 1)) for ct in sample_ct
-    ]
-    # Embeddings always expand (their inputs are one-hot).
-    expands = [
-        weight_sharing == "expand" or isinstance(spec, eqx.nn.Embedding)
-        for spec in specs
-    ]
-    shared_use = [~once for once, e in zip(single, expands, strict=True) if e]
-    needed = jnp.any(jnp.stack(shared_use)) if shared_use else jnp.asarray(False)
-    a_outer, g_outer = _expand_outer_products(pullback, cotangents, shared, needed)
+    n = total(jnp.asarray(num_samples))
 
     blocks = []
-    for spec, (a_sum, g_sum, count), outer_a, outer_g, once, used, expand in zip(
-        specs, sample_ct, a_outer, g_outer, single, uses, expands, strict=True
+    for spec, layout, (a_outer, g_outer, _), (a_sum, g_sum, count) in zip(
+        specs, layouts, shared_ct, sample_ct, strict=True
     ):
         dtype = _stat_dtype(spec)
         scale = jnp.asarray(factor, dtype)
-        a_sum, count = a_sum[0], count[0]  # the same for every k
-        n = total(jnp.asarray(num_samples, dtype))
-        mean_input = a_sum / jnp.maximum(count, 1)[:, None]
-        if isinstance(spec, eqx.nn.Embedding):
-            a = total(jnp.sum(jnp.square(mean_input), 0)) / n
+        count = count[0]  # the same for every k
+        if layout.expand:
+            uses = total(jnp.sum(count))
+            a = total(a_outer[0]) / jnp.maximum(uses, 1).astype(dtype)
+            g = scale * total(g_outer[0])
         else:
-            a = total(mean_input.T @ mean_input) / n
-        g = scale * total(jnp.einsum("knm,knl->ml", g_sum, g_sum))
-        if expand:
-            # Used once per sample, expand equals the sums above; otherwise the
-            # per-use outer products.
-            a = jnp.where(once, a, total(outer_a) / jnp.maximum(used, 1))
-            g = jnp.where(once, g, scale * total(outer_g))
+            mean = a_sum[0] / jnp.maximum(count, 1)[:, None]
+            if layout.a_diagonal:
+                a = total(jnp.sum(jnp.square(mean), 0))
+            else:
+                a = total(mean.T @ mean)
+            a = a / n.astype(dtype)
+            if layout.g_diagonal:
+                g = scale * total(jnp.sum(jnp.square(g_sum), (0, 1)))
+            else:
+                g = scale * total(jnp.einsum("knm,knl->ml", g_sum, g_sum))
         blocks.append(KroneckerFactor(a, g))
 
     def diagonal(ct):
@@ -469,6 +589,7 @@ def kfac_factors(
     filter_spec: Any = eqx.is_inexact_array,
     curvature: str = "ggn",
     weight_sharing: str = "expand",
+    max_dim: int = MAX_DIM,
     factor: float | Float[Array, ""] | None = None,
     key: PRNGKeyArray | None = None,
 ) -> PyTree:
@@ -493,16 +614,24 @@ def kfac_factors(
         a callable `loss(pred, target) -> scalar` for one sample.
     - `filter_spec`: which arrays are trained, as for [`eqx_ggn.partition`][].
     - `curvature`: `"ggn"` (exact output-space curvature: one backward pass per
-        column of a square root of the loss Hessian), `"fisher"` (Monte Carlo: one
-        backward pass with a label sampled from the model per example; needs `key`;
-        unbiased for the GGN of the built-in losses) or `"empirical_fisher"`.
+        column of a square root of the loss Hessian, i.e. per output of a sample,
+        all at once; raises a `ValueError` before allocating when that needs over
+        half the device's memory, e.g. per-token logits of shape `(T, vocab)`),
+        `"fisher"` (Monte Carlo: one backward pass with a label sampled from the
+        model per output; needs `key`; unbiased for the GGN of the built-in
+        losses) or `"empirical_fisher"` (one backward pass at the true labels).
     - `weight_sharing`: `"expand"` or `"reduce"` (Eschenhagen et al. 2023), for a
         layer used several times per sample (the positions of a convolution, a
         sequence, the steps of a scan). `"expand"` treats the uses as extra
         samples: right when each use has its own loss term (per-token or per-pixel
         outputs). `"reduce"` averages the inputs and sums the output gradients over
         the uses first: right when the uses are pooled before the loss, and
-        cheaper. Embeddings always expand (their inputs are one-hot).
+        cheaper. Embeddings always expand (their inputs are one-hot). Either way
+        the statistics cost one backward pass and one `(B·R) x d` Gram matrix per
+        factor, whatever `R`.
+    - `max_dim`: a factor larger than this is kept as its diagonal (a vector),
+        e.g. `G` of a large vocabulary head: a dense `d x d` factor costs `4 d^2`
+        bytes and an eigendecomposition of order `d^3`.
     - `factor`: the objective's factor; defaults to `1 / batch_size`.
     - `key`: a PRNG key, for `curvature="fisher"`.
 
@@ -537,6 +666,7 @@ def kfac_factors(
         loss_fn,
         curvature=curvature,
         weight_sharing=weight_sharing,
+        max_dim=max_dim,
         factor=factor,
         key=key,
     )
@@ -550,14 +680,16 @@ def _is_block(x: Any) -> bool:
     return isinstance(x, KroneckerFactor | KroneckerEigen)
 
 
-def zero_factors(trained: PyTree) -> PyTree:
+def zero_factors(trained: PyTree, max_dim: int = MAX_DIM) -> PyTree:
     """Zero factors shaped for the trained parameters (the optimizer's `init`)."""
 
     def zero_block(node, spec):
         n, m = _block_sizes(spec)
         dtype = _stat_dtype(spec)
-        a = (n,) if isinstance(spec, eqx.nn.Embedding) else (n, n)
-        return KroneckerFactor(jnp.zeros(a, dtype), jnp.zeros((m, m), dtype))
+        layout = _layout(spec, "expand", max_dim)
+        a = (n,) if layout.a_diagonal else (n, n)
+        g = (m,) if layout.g_diagonal else (m, m)
+        return KroneckerFactor(jnp.zeros(a, dtype), jnp.zeros(g, dtype))
 
     def zero_diagonal(leaf):
         return jnp.zeros(leaf.shape, jnp.result_type(jnp.float32, leaf))
@@ -565,21 +697,29 @@ def zero_factors(trained: PyTree) -> PyTree:
     return _map_blocks(zero_block, zero_diagonal, trained, trained)
 
 
-def zero_state(trained: PyTree) -> KFACState:
+def _eigen(factor: Array) -> tuple[Array, Array | None]:
+    """`(values, vectors)` of a dense factor; `(factor, None)` for a diagonal."""
+    if factor.ndim == 1:
+        return factor, None
+    return jnp.linalg.eigh(factor)
+
+
+def zero_state(trained: PyTree, max_dim: int = MAX_DIM) -> KFACState:
     """Zero factors and their eigendecompositions (zero eigenvalues, identity
     eigenvectors, so no factorization is run), shaped for the trained parameters."""
-    factors = zero_factors(trained)
+    factors = zero_factors(trained, max_dim)
+
+    def identity(factor):
+        if factor.ndim == 1:
+            return factor, None
+        return jnp.zeros(factor.shape[0], factor.dtype), jnp.eye(
+            factor.shape[0], dtype=factor.dtype
+        )
 
     def eigen(block):
         if not isinstance(block, KroneckerFactor):
             return block
-        n, m = block.a.shape[0], block.g.shape[0]
-        a_vectors = None if block.a.ndim == 1 else jnp.eye(n, dtype=block.a.dtype)
-        g_vectors = jnp.eye(m, dtype=block.g.dtype)
-        a_values = jnp.zeros(n, block.a.dtype)
-        return KroneckerEigen(
-            a_values, a_vectors, jnp.zeros(m, block.g.dtype), g_vectors
-        )
+        return KroneckerEigen(*identity(block.a), *identity(block.g))
 
     return KFACState(factors, jax.tree.map(eigen, factors, is_leaf=_is_block))
 
@@ -590,11 +730,7 @@ def eigendecompose(factors: PyTree) -> PyTree:
     def decompose(block):
         if not isinstance(block, KroneckerFactor):
             return block
-        g_values, g_vectors = jnp.linalg.eigh(block.g)
-        if block.a.ndim == 1:
-            return KroneckerEigen(block.a, None, g_values, g_vectors)
-        a_values, a_vectors = jnp.linalg.eigh(block.a)
-        return KroneckerEigen(a_values, a_vectors, g_values, g_vectors)
+        return KroneckerEigen(*_eigen(block.a), *_eigen(block.g))
 
     return jax.tree.map(decompose, factors, is_leaf=_is_block)
 
@@ -661,11 +797,14 @@ def apply_kfac_inverse(eigen: PyTree, vector: PyTree, damping: Array) -> PyTree:
         matrix = matrix.astype(dtype)
         inv_a = _damped_inverse(block.a_values, shift_a)
         inv_g = _damped_inverse(block.g_values, shift_g)
-        rotated = block.g_vectors.T @ matrix
+        rotated = matrix
+        if block.g_vectors is not None:
+            rotated = block.g_vectors.T @ rotated
         if block.a_vectors is not None:
             rotated = rotated @ block.a_vectors
-        rotated = rotated * inv_g[:, None] * inv_a[None, :]
-        result = block.g_vectors @ rotated
+        result = rotated * inv_g[:, None] * inv_a[None, :]
+        if block.g_vectors is not None:
+            result = block.g_vectors @ result
         if block.a_vectors is not None:
             result = result @ block.a_vectors.T
         return back(result.astype(out_dtype))
@@ -722,19 +861,27 @@ def kfac_inverse(factors: PyTree, damping: float | Float[Array, ""]) -> Callable
 
 def update_kfac_state(
     state: KFACState,
-    statistics: PyTree,
+    statistics: Callable[[], PyTree],
     count: Array,
     decay: float | Array,
+    every: int | Array,
     inverse_every: int | Array,
 ) -> KFACState:
-    """Fold one batch's factors into the running average (the first batch replaces
-    the zeros) and refresh the eigendecompositions every `inverse_every` steps."""
+    """Every `every` steps, fold one batch's factors (`statistics()`, run only
+    then) into the running average (the first batch replaces the zeros); every
+    `inverse_every` steps, refresh the eigendecompositions."""
     decay = jnp.where(count == 0, 0.0, jnp.asarray(decay, jnp.float32))
-    factors = jax.tree.map(
-        lambda old, new: (decay * old + (1 - decay) * new).astype(old.dtype),
-        state.factors,
-        statistics,
+
+    def fold(factors):
+        return jax.tree.map(
+            lambda old, new: (decay * old + (1 - decay) * new).astype(old.dtype),
+            factors,
+            statistics(),
+        )
+
+    due = lambda period: (count % jnp.maximum(jnp.asarray(period), 1)) == 0
+    factors = jax.lax.cond(due(every), fold, lambda f: f, state.factors)
+    eigen = jax.lax.cond(
+        due(inverse_every), eigendecompose, lambda _: state.eigen, factors
     )
-    refresh = (count % jnp.maximum(jnp.asarray(inverse_every), 1)) == 0
-    eigen = jax.lax.cond(refresh, eigendecompose, lambda _: state.eigen, factors)
     return KFACState(factors, eigen)

@@ -16,6 +16,7 @@ from ._cg import CGResult, CGStop
 from ._checks import check_like
 from ._diagnostics import is_definite, step_diagnostics, warn_if
 from ._kfac import (
+    MAX_DIM,
     KFACState,
     apply_kfac_inverse,
     check_weight_sharing,
@@ -150,6 +151,8 @@ class _Config(eqx.Module, strict=True):
     warm_start: bool
     preconditioner: str | None
     weight_sharing: str
+    kfac_max_dim: int
+    kfac_rescale: bool
     heavy_ball: bool
     adaptive_momentum: bool
     vmap_over_data: bool
@@ -208,10 +211,18 @@ class _Config(eqx.Module, strict=True):
                 "solver='kfac' applies the KFAC inverse itself; use "
                 "preconditioner=None (or 'kfac') with it, not 'jacobi'."
             )
-        if self.adaptive_momentum and self.solver != "kfac":
+        if self.adaptive_momentum and (self.solver != "kfac" or not self.kfac_rescale):
             raise ValueError(
-                "adaptive_momentum rescales the KFAC step and needs solver='kfac', "
-                f"got solver={self.solver!r}."
+                "adaptive_momentum rescales the KFAC step and needs solver='kfac' "
+                f"and kfac_rescale=True, got solver={self.solver!r}, "
+                f"kfac_rescale={self.kfac_rescale}."
+            )
+        max_dim = self.kfac_max_dim
+        if not isinstance(max_dim, int) or isinstance(max_dim, bool) or max_dim < 1:
+            raise ValueError(
+                "kfac_max_dim sets array shapes and must be a positive Python int, "
+                f"got {max_dim!r}; with optax.inject_hyperparams list "
+                "'kfac_max_dim' in static_args."
             )
         value = self.num_microbatches
         if isinstance(value, jax.Array | np.ndarray):
@@ -387,7 +398,7 @@ def _initial_state(
         solution=zeros() if config.warm_start else None,
         diagonal=zeros() if config.preconditioner == "jacobi" else None,
         momentum=zeros() if config.heavy_ball or config.adaptive_momentum else None,
-        kfac=zero_state(params) if config.uses_kfac else None,
+        kfac=zero_state(params, config.kfac_max_dim) if config.uses_kfac else None,
     )
 
 
@@ -405,6 +416,7 @@ class _PreconditionerOptions(NamedTuple):
 
     diagonal_decay: Any
     kfac_decay: Any
+    kfac_every: Any
     kfac_inverse_every: Any
 
 
@@ -420,9 +432,9 @@ def _preconditioner(
 ) -> tuple[PyTree, KFACState | None, Callable | None]:
     """The updated Jacobi or KFAC buffers, and the damped inverse they give.
 
-    KFAC: this batch's factors (at the step's key, for the sampled Fisher) join the
-    running average, whose eigendecompositions refresh every `kfac_inverse_every`
-    steps.
+    KFAC: every `kfac_every` steps this batch's factors (at the step's key, for
+    the sampled Fisher) join the running average, whose eigendecompositions
+    refresh every `kfac_inverse_every` steps.
     """
     if config.preconditioner == "jacobi":
         diagonal, precondition = _jacobi_preconditioner(
@@ -436,13 +448,14 @@ def _preconditioner(
             "KFAC (solver='kfac' or preconditioner='kfac') finds the layers of an "
             "Equinox module: pass update(..., model=module), not model_fn alone."
         )
-    statistics = curvature_statistics(
+    statistics = lambda: curvature_statistics(
         eqx.combine(params, model),
         params,
         batch,
         config.loss_fn,
         curvature=config.curvature,
         weight_sharing=config.weight_sharing,
+        max_dim=config.kfac_max_dim,
         factor=op.factor,
         key=jax.random.fold_in(jax.random.key(0), state.count),
         axis_name=config.axis_name,
@@ -452,6 +465,7 @@ def _preconditioner(
         statistics,
         state.count,
         options.kfac_decay,
+        options.kfac_every,
         options.kfac_inverse_every,
     )
     return state.diagonal, kfac, lambda r: apply_kfac_inverse(kfac.eigen, r, damping)
@@ -521,7 +535,7 @@ def _solve(
     used = jnp.asarray(preconditioner is not None and config.uses_kfac)
     result, floor = solve(preconditioner)
     curvature_direction = None
-    if solver == "kfac":
+    if solver == "kfac" and config.kfac_rescale:
         previous = state.momentum if config.adaptive_momentum else None
         result, curvature_direction = _rescale_kfac_step(
             op, rhs, result.value, previous, damping
@@ -1010,7 +1024,10 @@ def scale_by_gauss_newton(
     preconditioner: str | None = None,
     diagonal_decay: float = 0.95,
     kfac_decay: float = 0.95,
+    kfac_every: int = 1,
     kfac_inverse_every: int = 10,
+    kfac_max_dim: int | None = None,
+    kfac_rescale: bool = True,
     weight_sharing: str = "expand",
     momentum: float | None = None,
     adaptive_momentum: bool = False,
@@ -1130,11 +1147,23 @@ def scale_by_gauss_newton(
         again.
         `state.preconditioned` records the choice, and `state.cg_iterations`
         counts both runs on a refresh step.
-    - `kfac_decay`, `kfac_inverse_every`, `weight_sharing`: KFAC's factors are a
-        running average with this decay of [`eqx_ggn.kfac_factors`][] (with the
-        step's `curvature`; `"fisher"` samples labels), their eigendecompositions
-        are refreshed every `kfac_inverse_every` steps, and `weight_sharing`
-        (`"expand"` or `"reduce"`) treats layers used several times per sample.
+    - `kfac_decay`, `kfac_every`, `kfac_inverse_every`, `weight_sharing`,
+        `kfac_max_dim`: KFAC's factors are a running average with this decay of
+        [`eqx_ggn.kfac_factors`][] (with the step's `curvature`; `"fisher"`
+        samples labels), computed every `kfac_every` steps (one forward and one
+        backward pass each time); their eigendecompositions are refreshed every
+        `kfac_inverse_every` steps; `weight_sharing` (`"expand"` or `"reduce"`)
+        treats layers used several times per sample; a factor larger than
+        `kfac_max_dim` (`None`: 2048) is kept diagonal. It sets shapes: under
+        `optax.inject_hyperparams`, a given `kfac_max_dim` belongs in
+        `static_args`. What
+        each costs on a transformer is in the docs' KFAC page.
+    - `kfac_rescale`: with `solver="kfac"`, scale the KFAC direction to minimize
+        the exact damped quadratic model (Martens and Grosse; one curvature
+        product per step). `False` takes the damped KFAC direction as it is:
+        with `adaptive_damping=False` this is the cheapest step (no curvature
+        product, no trial loss) but needs a tuned learning rate and damping; in
+        `docs/benchmarks.md` ("Time to target") it loses to the default.
     - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`;
         `None` (default) keeps no buffer.
     - `adaptive_momentum`: with `solver="kfac"`, add the previous step with the
@@ -1220,6 +1249,8 @@ def scale_by_gauss_newton(
         warm_start=warm_start,
         preconditioner=preconditioner,
         weight_sharing=weight_sharing,
+        kfac_max_dim=MAX_DIM if kfac_max_dim is None else kfac_max_dim,
+        kfac_rescale=kfac_rescale,
         heavy_ball=momentum is not None
         and not (_is_number(momentum) and momentum == 0),
         adaptive_momentum=adaptive_momentum,
@@ -1240,6 +1271,7 @@ def scale_by_gauss_newton(
         warm_start_decay=(warm_start_decay, 0, 1),
         diagonal_decay=(diagonal_decay, 0, 1),
         kfac_decay=(kfac_decay, 0, 1),
+        kfac_every=(kfac_every, 1, float("inf")),
         kfac_inverse_every=(kfac_inverse_every, 1, float("inf")),
         damping_decrease=(damping_decrease, 0, 1),
         damping_increase=(damping_increase, 1, float("inf")),
@@ -1247,7 +1279,7 @@ def scale_by_gauss_newton(
     )
     cg_options = _CGOptions(cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay)
     preconditioner_options = _PreconditionerOptions(
-        diagonal_decay, kfac_decay, kfac_inverse_every
+        diagonal_decay, kfac_decay, kfac_every, kfac_inverse_every
     )
     lm_constants = {
         "lower_threshold": lower_threshold,

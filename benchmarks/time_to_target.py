@@ -1,0 +1,524 @@
+"""Time to target, in the style of AlgoPerf: AdamW, Muon and eqx_ggn's second-order
+optimizers on three mini-batch workloads with local data, the same wall-clock
+budget each.
+
+Workloads:
+- `transformer`: a 2-layer character-level transformer (width 64, context 64,
+  `(T, vocab)` logits) on the Python standard library's sources; validation
+  loss (mean token cross-entropy).
+- `cnn`: a two-convolution classifier on `sklearn.datasets.load_digits`;
+  validation error.
+- `autoencoder`: Martens' deep tanh autoencoder (#12) on the digits; validation
+  mean squared error.
+
+Every optimizer gets a tuning grid of 3 settings on seed 0; its best (lowest final
+validation value) is run again on seed 1. The target of a workload is tuned
+AdamW's validation value at half the budget (seed 0); an optimizer's time to
+target is the training time (evaluations excluded) of its first evaluation at or
+below it. Also reported: steps per second and the step's XLA memory (arguments,
+outputs and temporaries of the compiled step).
+
+    python benchmarks/time_to_target.py [--quick] [--workload NAME]
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import platform
+import time
+import warnings
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from _problems import (
+    AUTOENCODER_SIZES,
+    Autoencoder,
+    CharTransformer,
+    digits,
+    python_text,
+    text_batch,
+)
+
+import eqx_ggn
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    metric: str  # what the validation value is
+    loss_fn: str
+    factor: float  # the optimizer's objective factor: the training loss's mean
+    budget: float  # seconds of training per run
+    model: Callable  # key -> model
+    batch: Callable  # key -> training batch
+    validate: Callable  # model -> validation value (lower is better)
+    train_loss: Callable  # (model, batch) -> mean training loss
+
+
+class CNN(eqx.Module):
+    """Conv(1->16, 3x3) -> relu -> Conv(16->32, 3x3, stride 2) -> relu -> Linear."""
+
+    conv1: eqx.nn.Conv2d
+    conv2: eqx.nn.Conv2d
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.conv1 = eqx.nn.Conv2d(1, 16, 3, padding=1, key=k1)
+        self.conv2 = eqx.nn.Conv2d(16, 32, 3, stride=2, padding=1, key=k2)
+        self.head = eqx.nn.Linear(32 * 4 * 4, 10, key=k3)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.conv1(x.reshape(1, 8, 8)))
+        x = jax.nn.relu(self.conv2(x))
+        return self.head(x.reshape(-1))
+
+
+def mean_cross_entropy(logits, labels):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def transformer_workload(budget):
+    train, valid = python_text()
+    batch_size, context, vocab = 32, 64, 96
+    valid_batches = [
+        text_batch(valid, jax.random.key(1000 + i), batch_size, context)
+        for i in range(8)
+    ]
+
+    def train_loss(model, batch):
+        return mean_cross_entropy(jax.vmap(model)(batch["input"]), batch["target"])
+
+    @eqx.filter_jit
+    def validate(model):
+        return jnp.mean(jnp.stack([train_loss(model, b) for b in valid_batches]))
+
+    return Workload(
+        "transformer",
+        "validation loss",
+        "cross_entropy",
+        1.0 / (batch_size * context),
+        budget,
+        lambda key: CharTransformer(vocab, 64, 2, 4, context, key),
+        lambda key: text_batch(train, key, batch_size, context),
+        validate,
+        train_loss,
+    )
+
+
+def digits_batch(x, y, batch_size):
+    def draw(key):
+        index = jax.random.choice(key, len(x), (batch_size,), replace=False)
+        return {"input": x[index], "target": y[index]}
+
+    return draw
+
+
+def cnn_workload(budget):
+    (x, y), (xv, yv) = digits()
+
+    def train_loss(model, batch):
+        return mean_cross_entropy(jax.vmap(model)(batch["input"]), batch["target"])
+
+    @eqx.filter_jit
+    def validate(model):
+        return jnp.mean(jnp.argmax(jax.vmap(model)(xv), -1) != yv)
+
+    return Workload(
+        "cnn",
+        "validation error",
+        "cross_entropy",
+        1.0 / 128,
+        budget,
+        CNN,
+        digits_batch(x, y, 128),
+        validate,
+        train_loss,
+    )
+
+
+def autoencoder_workload(budget):
+    (x, _), (xv, _) = digits()
+
+    def train_loss(model, batch):
+        return jnp.mean(
+            jnp.sum((jax.vmap(model)(batch["input"]) - batch["target"]) ** 2, -1)
+        )
+
+    @eqx.filter_jit
+    def validate(model):
+        return train_loss(model, {"input": xv, "target": xv})
+
+    draw = digits_batch(x, x, 256)
+    return Workload(
+        "autoencoder",
+        "validation MSE (sum over pixels)",
+        "mse",
+        1.0 / 256,
+        budget,
+        lambda key: Autoencoder(AUTOENCODER_SIZES, key),
+        lambda key: draw(key),
+        validate,
+        train_loss,
+    )
+
+
+# Each optimizer: (label, setting name, three values, factory). A factory takes
+# the value and the number of steps the budget is expected to hold, and returns
+# `(optax transformation, curvature)`, the curvature `None` for a first-order one.
+def adamw(lr, steps):
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(steps // 20, 1), max(steps, 2)
+    )
+    return optax.adamw(schedule, weight_decay=1e-4), None
+
+
+def muon(lr, steps):
+    return optax.contrib.muon(lr), None
+
+
+def gn(workload, **kwargs):
+    learning_rate = kwargs.pop("learning_rate", 1.0)
+    opt = eqx_ggn.gauss_newton(
+        learning_rate, loss_fn=workload.loss_fn, factor=workload.factor, **kwargs
+    )
+    return opt, kwargs.get("curvature", "ggn")
+
+
+def optimizers(workload):
+    fixed = dict(solver="kfac", adaptive_damping=False, kfac_rescale=False)
+    fisher = dict(solver="kfac", curvature="fisher")
+    return [
+        ("AdamW (warmup-cosine)", "lr", (1e-3, 3e-3, 1e-2), adamw),
+        ("Muon", "lr", (3e-3, 1e-2, 3e-2), muon),
+        (
+            "KFAC Fisher, LM (defaults)",
+            "kfac_every",
+            (1, 5, 20),
+            lambda v, s: gn(workload, kfac_every=v, **fisher),
+        ),
+        (
+            "KFAC Fisher, LM + adaptive momentum",
+            "kfac_every",
+            (1, 5, 20),
+            lambda v, s: gn(workload, kfac_every=v, adaptive_momentum=True, **fisher),
+        ),
+        (
+            "KFAC Fisher, fixed lr (damping 0.1)",
+            "lr",
+            (0.03, 0.1, 0.3),
+            lambda v, s: gn(
+                workload,
+                learning_rate=v,
+                curvature="fisher",
+                damping=0.1,
+                kfac_every=5,
+                **fixed,
+            ),
+        ),
+        (
+            "KFAC GGN, LM (defaults)",
+            "kfac_every",
+            (1, 5, 20),
+            lambda v, s: gn(workload, solver="kfac", kfac_every=v),
+        ),
+        (
+            "CG + KFAC (Fisher) preconditioner",
+            "cg_maxiter",
+            (2, 10, 50),
+            lambda v, s: gn(
+                workload,
+                cg_maxiter=v,
+                preconditioner="kfac",
+                curvature="fisher",  # CG's matrix: the GGN; KFAC's: sampled
+                kfac_every=5,
+            ),
+        ),
+        (
+            "CG (Hessian-free)",
+            "cg_maxiter",
+            (2, 10, 50),
+            lambda v, s: gn(workload, cg_maxiter=v),
+        ),
+    ]
+
+
+def make_step(workload, opt, curvature):
+    @eqx.filter_jit
+    def step(model, state, key):
+        batch = workload.batch(key)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        if curvature is not None:
+            (loss, grads), op = eqx_ggn.value_and_grad(
+                model=model,
+                batch=batch,
+                loss_fn=workload.loss_fn,
+                curvature=curvature,
+                factor=workload.factor,
+                return_operator=True,
+            )
+            updates, state = opt.update(
+                grads, state, params, model=model, batch=batch, operator=op
+            )
+        else:
+            loss, grads = eqx.filter_value_and_grad(workload.train_loss)(model, batch)
+            updates, state = opt.update(grads, state, params)
+        return eqx.apply_updates(model, updates), state, loss
+
+    return step
+
+
+def step_memory(step, model, state, key):
+    """Bytes of the compiled step: arguments, outputs and temporaries."""
+    compiled = step.lower(model, state, key).compile()
+    m = compiled.compiled.memory_analysis()
+    if m is None:  # not every backend reports it
+        return float("nan")
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+
+
+def run(workload, factory, value, seed, steps_hint=None):
+    """Train for the budget; returns the evaluation curve and rates."""
+    model = workload.model(jax.random.key(seed))
+    keys = iter(jax.random.split(jax.random.key(seed + 100), 1_000_000))
+    probe_opt, curvature = factory(value, 1000)
+    # Estimate the budget's steps (for AdamW's schedule) from a short timing.
+    step = make_step(workload, probe_opt, curvature)
+    state = probe_opt.init(eqx.filter(model, eqx.is_inexact_array))
+    memory = step_memory(step, model, state, next(keys))
+    if steps_hint is None:
+        m, s, loss = step(model, state, next(keys))
+        jax.block_until_ready(loss)
+        start = time.perf_counter()
+        for _ in range(3):
+            m, s, loss = step(m, s, next(keys))
+        jax.block_until_ready(loss)
+        steps_hint = int(workload.budget / ((time.perf_counter() - start) / 3))
+    opt, _ = factory(value, steps_hint)
+    step = make_step(workload, opt, curvature)
+    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    jax.block_until_ready(step(model, state, next(keys))[2])  # compile
+    curve = [(0.0, float(workload.validate(model)))]
+    elapsed, steps, chunk = 0.0, 0, 1
+    while elapsed < workload.budget:
+        start = time.perf_counter()
+        for _ in range(chunk):
+            model, state, loss = step(model, state, next(keys))
+        jax.block_until_ready(loss)
+        elapsed += time.perf_counter() - start
+        steps += chunk
+        value_now = float(workload.validate(model))
+        curve.append((elapsed, value_now if math.isfinite(value_now) else math.inf))
+        # About 40 evaluations over the budget.
+        rate = steps / elapsed
+        chunk = max(1, int(rate * workload.budget / 40))
+    jax.clear_caches()  # hundreds of runs: free their compiled programs
+    return {
+        "curve": curve,
+        "steps_per_s": steps / elapsed,
+        "memory": memory,
+        "final": curve[-1][1],
+    }
+
+
+def value_at(curve, t):
+    """The last validation value at or before training time `t`."""
+    return [v for s, v in curve if s <= t][-1]
+
+
+def time_to(curve, target):
+    for t, v in curve:
+        if v <= target:
+            return t
+    return math.inf
+
+
+def benchmark(workload, print_row, cache):
+    """Every optimizer's tuned and second-seed runs; rows already in `cache` (a
+    JSON file, so that an interrupted run resumes) are not run again."""
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    results = {}
+    for label, name, values, factory in optimizers(workload):
+        key = f"{workload.name}/{label}"
+        if key in stored:
+            results[label] = stored[key]
+            continue
+        if "GGN" in label and workload.name == "transformer":
+            # (T, vocab) logits: the exact GGN's one pullback per output raises
+            # the documented ValueError before allocating; record its message.
+            try:
+                run(workload, factory, values[0], 0)
+            except ValueError as error:
+                results[label] = {"error": str(error).split(":")[0]}
+        else:
+            tuned = {v: run(workload, factory, v, 0) for v in values}
+            best = min(tuned, key=lambda v: tuned[v]["final"])
+            second = run(workload, factory, best, 1)
+            results[label] = {
+                "name": name,
+                "best": best,
+                "seeds": [tuned[best], second],
+                "grid": [(v, r["final"]) for v, r in tuned.items()],
+            }
+            print_row(label, results[label])
+        stored[key] = results[label]
+        cache.write_text(json.dumps(stored))
+    adam = results["AdamW (warmup-cosine)"]["seeds"][0]
+    target = value_at(adam["curve"], workload.budget / 2)
+    return results, target
+
+
+def report(workload, results, target):
+    adam = results["AdamW (warmup-cosine)"]
+    adam_rate = np.mean([r["steps_per_s"] for r in adam["seeds"]])
+    adam_times = [time_to(r["curve"], target) for r in adam["seeds"]]
+    print(
+        f"\n### {workload.name}: {workload.metric}, budget {workload.budget:.0f} s, "
+        f"target {target:.4g} (AdamW seed 0 at {workload.budget / 2:.0f} s)\n"
+    )
+    print(
+        "| optimizer | best setting | grid (final, seed 0) | steps/s | step time / "
+        "AdamW's | step memory (MB) | final (seed 0, 1) | time to target (s, "
+        "seeds 0, 1) | / AdamW's |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        if "error" in r:
+            print(f"| {label} | ValueError: {r['error']} | | | | | | | |")
+            continue
+        rate = np.mean([s["steps_per_s"] for s in r["seeds"]])
+        times = [time_to(s["curve"], target) for s in r["seeds"]]
+        ratio = [t / a for t, a in zip(times, adam_times, strict=True)]
+        grid = ", ".join(f"{v:g}: {f:.3g}" for v, f in r["grid"])
+        finals = ", ".join(f"{s['final']:.4g}" for s in r["seeds"])
+        fmt = lambda t: "never" if math.isinf(t) else f"{t:.1f}"
+        print(
+            f"| {label} | {r['name']}={r['best']:g} | {grid} | {rate:.1f} | "
+            f"{adam_rate / rate:.2f}x | {r['seeds'][0]['memory'] / 1e6:.0f} | "
+            f"{finals} | {', '.join(fmt(t) for t in times)} | "
+            f"{', '.join('never' if math.isinf(x) else f'{x:.2f}x' for x in ratio)} |"
+        )
+
+
+def mean_time(function, *args, repeats=10):
+    jax.block_until_ready(function(*args))  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = function(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def costs(workload):
+    """What each KFAC setting costs on a workload: the pieces, and whole steps
+    against AdamW's."""
+    model = workload.model(jax.random.key(0))
+    batch = workload.batch(jax.random.key(1))
+    key = jax.random.key(2)
+    loss_fn = workload.loss_fn
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(workload.train_loss))
+    rows = [("gradient (eqx.filter_value_and_grad)", mean_time(grad, model, batch))]
+    for sharing in ("expand", "reduce"):
+        factors = eqx.filter_jit(
+            lambda m, b, k, s=sharing: eqx_ggn.kfac_factors(
+                m, b, loss_fn, curvature="fisher", key=k, weight_sharing=s
+            )
+        )
+        rows.append(
+            (
+                f"kfac_factors(curvature='fisher', weight_sharing='{sharing}')",
+                mean_time(factors, model, batch, key),
+            )
+        )
+    fisher = eqx_ggn.kfac_factors(model, batch, loss_fn, curvature="fisher", key=key)
+    decompose = jax.jit(eqx_ggn._kfac.eigendecompose)
+    rows.append(("eigendecompositions of every factor", mean_time(decompose, fisher)))
+    print(f"\n### {workload.name}: the pieces\n")
+    print("| piece | time (ms) |\n|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {1e3 * seconds:.1f} |")
+
+    def step_time(opt, curvature):
+        step = make_step(workload, opt, curvature)
+        state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+        keys = jax.random.split(jax.random.key(3), 41)
+        m, s, loss = step(model, state, keys[0])
+        jax.block_until_ready(loss)
+        start = time.perf_counter()
+        for k in keys[1:]:  # 40 steps: every refresh period included
+            m, s, loss = step(m, s, k)
+        jax.block_until_ready(loss)
+        return (time.perf_counter() - start) / 40
+
+    adam = step_time(optax.adamw(3e-3), None)
+    cheap = dict(adaptive_damping=False, kfac_rescale=False, damping=0.1)
+    settings = [
+        dict(kfac_every=1),
+        dict(kfac_every=5),
+        dict(kfac_every=20),
+        dict(kfac_every=5, kfac_inverse_every=1),
+        dict(kfac_every=5, adaptive_momentum=True),
+        dict(kfac_every=1, **cheap),
+        dict(kfac_every=5, **cheap),
+    ]
+    settings = [dict(solver="kfac", curvature="fisher", **s) for s in settings]
+    settings += [
+        dict(cg_maxiter=10),
+        dict(cg_maxiter=10, preconditioner="kfac", kfac_every=5),
+    ]
+    print(f"\n### {workload.name}: step time (AdamW {1e3 * adam:.1f} ms)\n")
+    print("| eqx_ggn.gauss_newton setting | step (ms) | / AdamW's |\n|---|---|---|")
+    for kwargs in settings:
+        name = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        opt, curvature = gn(workload, **kwargs)
+        seconds = step_time(opt, curvature)
+        print(f"| {name} | {1e3 * seconds:.1f} | {seconds / adam:.2f}x |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workload", default=None)
+    parser.add_argument("--costs", action="store_true", help="the cost tables only")
+    parser.add_argument("--cache", default="time_to_target.json")
+    args = parser.parse_args()
+    # GaussNewtonWarning: counted per run instead of printed.
+    warnings.simplefilter("ignore", eqx_ggn.GaussNewtonWarning)
+    scale = 0.1 if args.quick else 1.0
+    workloads = [
+        transformer_workload(30 * scale),
+        cnn_workload(12 * scale),
+        autoencoder_workload(12 * scale),
+    ]
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax "
+        f"{jax.__version__}"
+    )
+
+    def print_row(label, r):
+        print(
+            f"  {label}: best {r['name']}={r['best']:g}, grid "
+            f"{ {k: round(v, 4) for k, v in r['grid']} }",
+            flush=True,
+        )
+
+    for workload in workloads:
+        if args.workload and workload.name != args.workload:
+            continue
+        if args.costs:
+            costs(workload)
+            continue
+        cache = pathlib.Path(args.cache + ("-quick" if args.quick else ""))
+        results, target = benchmark(workload, print_row, cache)
+        report(workload, results, target)
+
+
+if __name__ == "__main__":
+    main()
