@@ -9,10 +9,15 @@ reported number is the median wall time of one run divided by 10 (one step).
   passed into the jitted loop as a pytree (`linearize` reports that one-off cost).
 - `laplax mvp`: `laplax.curv.ggn.create_ggn_mv(...)` built inside the jitted loop,
   as laplax users write it.
+- `bwd mvp`: the same product with `jac="bwd"` (reverse mode only, for models
+  with a `jax.custom_vjp`): `J v` as the VJP of the VJP.
+- Peak memory (MiB, XLA's `memory_analysis` of one compiled call: arguments,
+  outputs and temporaries) of the gradient, and of linearizing plus one product
+  in each mode, at a new point.
 
-Usage: `python benchmarks/mvp.py` (the CPU case of the issue) or
+Usage: `python benchmarks/mvp.py` (an MLP and a small CNN) or
 `python benchmarks/mvp.py --all` (adds the 59M-parameter MLP in float32 and
-bfloat16, and a small CNN; meant for a GPU).
+bfloat16; meant for a GPU).
 """
 
 import argparse
@@ -38,6 +43,19 @@ def _median_time(fn, *args, repeats):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def peak_mib(fn, *args):
+    """Peak memory of one compiled call of `jax.jit(fn)`, in MiB (XLA's
+    `memory_analysis`: arguments, outputs and temporaries, less aliasing)."""
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    total = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+    return total / 2**20
 
 
 class SmallCNN(eqx.Module):
@@ -106,8 +124,8 @@ def bench(name, dtype, repeats, steps=10):
         )
 
     @eqx.filter_jit
-    def linearize(p):
-        return eqx_ggn.curvature_operator(model_fn, p, data, "cross_entropy")
+    def linearize(p, jac="fwd"):
+        return eqx_ggn.curvature_operator(model_fn, p, data, "cross_entropy", jac=jac)
 
     @eqx.filter_jit
     def ours_loop(op, v0):
@@ -126,6 +144,20 @@ def bench(name, dtype, repeats, steps=10):
     t_lin = _median_time(linearize, params, repeats=repeats)
     t_ours = _median_time(ours_loop, op, v0, repeats=repeats) / steps
     t_lap = _median_time(laplax_loop, params, v0, repeats=repeats) / steps
+    t_bwd = _median_time(ours_loop, linearize(params, "bwd"), v0, repeats=repeats)
+
+    def product_at(jac):
+        def product(p, v):
+            op = eqx_ggn.curvature_operator(model_fn, p, data, "cross_entropy", jac=jac)
+            return op.mv(v)
+
+        return product
+
+    memory = {
+        "grad_mib": peak_mib(jax.grad(objective), params),
+        "fwd_mib": peak_mib(product_at("fwd"), params, v0),
+        "bwd_mib": peak_mib(product_at("bwd"), params, v0),
+    }
     return {
         "case": name,
         "dtype": jnp.dtype(dtype).name,
@@ -135,6 +167,8 @@ def bench(name, dtype, repeats, steps=10):
         "linearize_ms": 1e3 * t_lin,
         "ours_ms": 1e3 * t_ours,
         "laplax_ms": 1e3 * t_lap,
+        "bwd_ms": 1e3 * t_bwd / steps,
+        **memory,
     }
 
 
@@ -142,14 +176,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="all cases (for a GPU)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--case", help="only this case: mlp784, cnn or mlp59m")
     args = parser.parse_args()
-    cases = [("mlp784", jnp.float32)]
+    cases = [("mlp784", jnp.float32), ("cnn", jnp.float32)]
     if args.all:
         cases += [
-            ("cnn", jnp.float32),
             ("mlp59m", jnp.float32),
             ("mlp59m", jnp.bfloat16),
         ]
+    if args.case is not None:
+        cases = [c for c in cases if c[0] == args.case] or [(args.case, jnp.float32)]
     device = jax.devices()[0]
     print(
         f"# {datetime.date.today()} | {device.platform}: {device.device_kind} | "
@@ -157,9 +193,10 @@ def main():
     )
     print(
         "| case | dtype | params | batch | grad ms | linearize ms | eqx_ggn MVP ms "
-        "| laplax MVP ms | eqx_ggn MVP / grad | laplax MVP / grad | laplax / eqx_ggn |"
+        "| laplax MVP ms | eqx_ggn MVP / grad | laplax MVP / grad | laplax / eqx_ggn "
+        "| bwd MVP ms | bwd / fwd MVP | grad MiB | fwd lin+MVP MiB | bwd lin+MVP MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 16 + "|")
     for name, dtype in cases:
         r = bench(name, dtype, args.repeats)
         print(
@@ -167,7 +204,9 @@ def main():
             f"| {r['grad_ms']:.3f} | {r['linearize_ms']:.3f} | {r['ours_ms']:.3f} "
             f"| {r['laplax_ms']:.3f} | {r['ours_ms'] / r['grad_ms']:.2f} "
             f"| {r['laplax_ms'] / r['grad_ms']:.2f} "
-            f"| {r['laplax_ms'] / r['ours_ms']:.2f} |",
+            f"| {r['laplax_ms'] / r['ours_ms']:.2f} "
+            f"| {r['bwd_ms']:.3f} | {r['bwd_ms'] / r['ours_ms']:.2f} "
+            f"| {r['grad_mib']:.1f} | {r['fwd_mib']:.1f} | {r['bwd_mib']:.1f} |",
             flush=True,
         )
 

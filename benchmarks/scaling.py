@@ -35,7 +35,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from mvp import _median_time
+from mvp import _median_time, peak_mib
 
 import eqx_ggn
 
@@ -114,17 +114,6 @@ def _arguments(name, params, data):
     return (params, data, params) if name in ("mvp", "jvp+vjp") else (params, data)
 
 
-def _peak_mib(fn, *args):
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-    total = (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
-    )
-    return total / 2**20
-
-
 def _row(cells):
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -163,11 +152,11 @@ def main():
                 for name in ("grad", "mvp", "step")
             }
             memory = {
-                name: _peak_mib(programs[name], *_arguments(name, params, data))
+                name: peak_mib(programs[name], *_arguments(name, params, data))
                 for name in columns
             }
             step = programs["step"]
-            step50 = _peak_mib(lambda p, d, s=step: s(p, d, cg_steps=50), params, data)
+            step50 = peak_mib(lambda p, d, s=step: s(p, d, cg_steps=50), params, data)
             size = sum(x.size for x in jax.tree.leaves(params))
             print(
                 _row(
@@ -199,7 +188,7 @@ def main():
             cells.append(f"{1e3 * seconds:.1f}")
         for name in ("mvp", "step"):
             arguments = _arguments(name, params, data)
-            cells.append(f"{_peak_mib(programs[name], *arguments):.1f}")
+            cells.append(f"{peak_mib(programs[name], *arguments):.1f}")
         print(_row(cells), flush=True)
 
 

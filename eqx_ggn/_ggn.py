@@ -12,6 +12,7 @@ from typing import Any
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._checks import check_data
+from ._jacobian import Jac
 from ._losses import LossFn, check_target, create_loss_hessian_mv
 from ._operator import curvature_operator
 
@@ -38,6 +39,7 @@ def _ggn_mv_on(
     hessian_mv: Callable,
     factor: Float,
     vmap_over_data: bool,
+    jac: Jac | None,
 ) -> Callable[[Params], Params]:
     # Only the loss Hessian is handed over, so no loss value or gradient is built.
     op = curvature_operator(
@@ -48,6 +50,7 @@ def _ggn_mv_on(
         factor=factor,
         loss_hessian_mv=hessian_mv,
         vmap_over_data=vmap_over_data,
+        jac=jac,
     )
     check_target(loss_fn, op.predictions, data["target"])
     return op.mv
@@ -61,6 +64,7 @@ def create_ggn_mv_without_data(
     *,
     vmap_over_data: bool = True,
     loss_hessian_mv: Callable | None = None,
+    jac: Jac | None = None,
 ) -> Callable[[Params, Data], Params]:
     r"""A GGN-vector product that takes the data at call time (laplax-compatible).
 
@@ -82,6 +86,9 @@ def create_ggn_mv_without_data(
         or to the whole batch at once.
     - `loss_hessian_mv`: `loss_hessian_mv(jv, *, pred, target)`; when given it is
         used instead of `loss_fn`'s Hessian, as in laplax.
+    - `jac`: `"fwd"`, `"bwd"` (reverse mode only, for a model with a
+        `jax.custom_vjp`) or `None` (default: picked per model); see
+        [`eqx_ggn.curvature_operator`][]. Not in laplax, whose defaults are kept.
 
     **Returns:**
 
@@ -113,7 +120,7 @@ def create_ggn_mv_without_data(
 
     def ggn_mv(vec: Params, data: Data) -> Params:
         mv = _ggn_mv_on(
-            model_fn, params, data, loss_fn, hessian_mv, factor, vmap_over_data
+            model_fn, params, data, loss_fn, hessian_mv, factor, vmap_over_data, jac
         )
         return mv(vec)
 
@@ -130,6 +137,7 @@ def create_ggn_mv(
     num_total_samples: Int | None = None,
     vmap_over_data: bool = True,
     loss_hessian_mv: Callable | None = None,
+    jac: Jac | None = None,
 ) -> Callable[[Params], Params]:
     r"""A GGN-vector product on fixed data (laplax-compatible).
 
@@ -138,8 +146,8 @@ def create_ggn_mv(
     1, i.e. the GGN of the *sum* of the per-sample losses, exactly as in laplax
     0.0.2; use [`eqx_ggn.curvature_operator`][] for the batch-mean objective.
 
-    The model is linearized once, here; each call of the returned function costs one
-    linear JVP, a loss-Hessian product and one transposed JVP.
+    The model is linearized once, here; each call of the returned function costs
+    one `J v`, a loss-Hessian product and one `Jᵀ u`.
 
     **Arguments:**
 
@@ -153,6 +161,8 @@ def create_ggn_mv(
         `num_curv_samples`.
     - `vmap_over_data`: apply `model_fn` per sample (default) or to the whole batch.
     - `loss_hessian_mv`: `loss_hessian_mv(jv, *, pred, target)`, instead of `loss_fn`.
+    - `jac`: `"fwd"`, `"bwd"` or `None` (default), as in
+        [`eqx_ggn.create_ggn_mv_without_data`][].
 
     **Returns:**
 
@@ -186,7 +196,7 @@ def create_ggn_mv(
     factor = _laplax_factor(data, num_curv_samples, num_total_samples)
     hessian_mv = loss_hessian_mv or create_loss_hessian_mv(loss_fn)
     return _ggn_mv_on(
-        model_fn, params, data, loss_fn, hessian_mv, factor, vmap_over_data
+        model_fn, params, data, loss_fn, hessian_mv, factor, vmap_over_data, jac
     )
 
 
@@ -200,6 +210,7 @@ def create_fisher_mv(
     num_total_samples: Int | None = None,
     vmap_over_data: bool = True,
     loss_hessian_mv: Callable | None = None,
+    jac: Jac | None = None,
 ) -> Callable[[Params], Params]:
     r"""The Fisher-vector product: an alias of [`eqx_ggn.create_ggn_mv`][].
 
@@ -234,6 +245,7 @@ def create_fisher_mv(
         num_total_samples=num_total_samples,
         vmap_over_data=vmap_over_data,
         loss_hessian_mv=loss_hessian_mv,
+        jac=jac,
     )
 
 
@@ -246,6 +258,7 @@ def create_empirical_fisher_mv(
     num_curv_samples: Int | None = None,
     num_total_samples: Int | None = None,
     vmap_over_data: bool = True,
+    jac: Jac | None = None,
 ) -> Callable[[Params], Params]:
     r"""The empirical-Fisher-vector product `factor * sum_i g_i g_i^T v`.
 
@@ -283,6 +296,7 @@ def create_empirical_fisher_mv(
         curvature="empirical_fisher",
         factor=_laplax_factor(data, num_curv_samples, num_total_samples),
         vmap_over_data=vmap_over_data,
+        jac=jac,
     ).mv
 
 
@@ -295,12 +309,15 @@ def create_hessian_mv(
     num_curv_samples: Int | None = None,
     num_total_samples: Int | None = None,
     vmap_over_data: bool = True,
+    jac: Jac | None = None,
 ) -> Callable[[Params], Params]:
     r"""The Hessian-vector product of `factor * sum_i loss_i`, model curvature included.
 
     Unlike the GGN this keeps the second-order term `sum_i sum_k (∂ℓ_i/∂f_k) ∇²f_k`.
-    The gradient is linearized once (forward-over-reverse), so each product costs one
-    linear pass. Scaling as in [`eqx_ggn.create_ggn_mv`][].
+    The gradient is linearized once (forward-over-reverse; with `jac="bwd"`
+    reverse-over-reverse, one pullback of the gradient, as the Hessian is
+    symmetric), so each product costs one linear pass. Scaling as in
+    [`eqx_ggn.create_ggn_mv`][].
 
     **Arguments:** as `create_ggn_mv`; `loss_fn` is required.
 
@@ -331,4 +348,5 @@ def create_hessian_mv(
         curvature="hessian",
         factor=_laplax_factor(data, num_curv_samples, num_total_samples),
         vmap_over_data=vmap_over_data,
+        jac=jac,
     ).mv

@@ -43,6 +43,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._batching import vary_over_shards
+from ._jacobian import check_jac
 from ._losses import LossFn, loss_hessian_root, resolve_loss
 
 
@@ -592,6 +593,7 @@ def kfac_factors(
     max_dim: int = MAX_DIM,
     factor: float | Float[Array, ""] | None = None,
     key: PRNGKeyArray | None = None,
+    jac: str | None = None,
 ) -> PyTree:
     r"""Kronecker-factored (KFAC) blocks of the curvature of an Equinox model.
 
@@ -634,6 +636,10 @@ def kfac_factors(
         bytes and an eigendecomposition of order `d^3`.
     - `factor`: the objective's factor; defaults to `1 / batch_size`.
     - `key`: a PRNG key, for `curvature="fisher"`.
+    - `jac`: `None`, `"fwd"` or `"bwd"`, as elsewhere in the package. The
+        statistics come from VJPs alone in every mode, so a model with a
+        `jax.custom_vjp` works whatever `jac` says; it is checked and accepted so
+        that one setting can be passed everywhere.
 
     **Returns:**
 
@@ -659,6 +665,7 @@ def kfac_factors(
         assert jnp.allclose(last.g, 2 * jnp.eye(2))
         ```
     """
+    check_jac(jac)
     return _jitted_statistics(
         model,
         eqx.filter(model, filter_spec),

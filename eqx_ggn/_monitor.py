@@ -10,6 +10,7 @@ import optax
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._estimators import hutchinson_trace, top_eigenvalues
+from ._jacobian import Jac, check_jac
 from ._losses import LossFn, resolve_loss
 from ._operator import CURVATURES, AxisName, Curvature, curvature_operator
 from ._partition import as_model_fn
@@ -75,6 +76,9 @@ class CurvatureMonitor(eqx.Module):
         the batch over devices (see [`eqx_ggn.curvature_operator`][]): the metrics
         are then those of the global batch, equal on every device. A `sink` is
         called from every device.
+    - `jac`: `"fwd"`, `"bwd"` (reverse mode only, for a model with a
+        `jax.custom_vjp`) or `None` (default: picked per model); see
+        [`eqx_ggn.curvature_operator`][]. Lanczos and Hutchinson need `J v`.
 
     !!! example
 
@@ -115,9 +119,11 @@ class CurvatureMonitor(eqx.Module):
     seed: int = eqx.field(static=True, default=0)
     factor: float | None = eqx.field(static=True, default=None)
     axis_name: AxisName | None = eqx.field(static=True, default=None)
+    jac: Jac | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         resolve_loss(self.loss_fn)
+        check_jac(self.jac)
         if self.curvature not in CURVATURES:
             raise ValueError(
                 f"Unknown curvature {self.curvature!r}; valid ones are "
@@ -157,6 +163,7 @@ class CurvatureMonitor(eqx.Module):
             curvature=self.curvature,
             factor=self.factor,
             axis_name=self.axis_name,
+            jac=self.jac,
         )
         key = jax.random.fold_in(jax.random.key(self.seed), step)
         k_lanczos, k_trace = jax.random.split(key)

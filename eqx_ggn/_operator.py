@@ -17,6 +17,7 @@ from ._batching import (
     vary_over_shards,
 )
 from ._checks import check_data, check_like, check_params
+from ._jacobian import Jac, Jacobian, check_jac, linearize
 from ._losses import LossFn, check_target, resolve_loss
 from ._partition import as_model_fn, partition
 
@@ -91,7 +92,7 @@ class _Linearization(NamedTuple):
     value: Float[Array, ""] | None
     pred: PyTree
     grad: PyTree | None
-    linear_fn: Callable
+    jacobian: Jacobian
     loss_grads: PyTree | None
 
 
@@ -107,8 +108,9 @@ def _linearize(
     curvature: str,
     factor: Float[Array, ""],
     vmap_over_data: bool,
+    jac: Jac | None,
 ) -> _Linearization:
-    """One forward pass and `jax.linearize` on one (micro-)batch.
+    """One forward pass, linearized in mode `jac`, on one (micro-)batch.
 
     `value` and `grad` are this batch's share, `factor * sum_i` over its samples.
     """
@@ -131,17 +133,19 @@ def _linearize(
             (value, pred), g = jax.value_and_grad(objective, has_aux=True)(p)
             return g, (value, pred)
 
-        grad, linear_fn, (value, pred) = jax.linearize(gradient, params, has_aux=True)
-        return _Linearization(value, pred, grad, linear_fn, None)
-    pred, linear_fn = jax.linearize(predict, params)
+        grad, jacobian, (value, pred) = linearize(
+            gradient, params, jac, has_aux=True, symmetric=True
+        )
+        return _Linearization(value, pred, grad, jacobian, None)
+    pred, jacobian = linearize(predict, params, jac)
     if loss is None:
-        return _Linearization(None, pred, None, linear_fn, None)
+        return _Linearization(None, pred, None, jacobian, None)
     value, loss_grads = jax.value_and_grad(
         lambda z: summed_loss(loss, z, target, vmap_over_data)
     )(pred)
-    (grad,) = jax.linear_transpose(linear_fn, params)(_scale(loss_grads, factor))
+    grad = jacobian.vjp(_scale(loss_grads, factor), params)
     return _Linearization(
-        factor.astype(value.dtype) * value, pred, grad, linear_fn, loss_grads
+        factor.astype(value.dtype) * value, pred, grad, jacobian, loss_grads
     )
 
 
@@ -167,6 +171,9 @@ class CurvatureOperator(eqx.Module):
     - `grad`: the objective's gradient, a pytree like `params` (`None` as `loss`).
     - `factor`: the scalar in front of the sum.
     - `curvature`: `"ggn"`, `"fisher"`, `"empirical_fisher"` or `"hessian"`.
+    - `jac`: how the model was linearized, `"fwd"` (`jax.linearize`) or `"bwd"`
+        (`jax.vjp`, for models with a `jax.custom_vjp`); see
+        [`eqx_ggn.curvature_operator`][].
 
     **Methods:**
 
@@ -175,8 +182,8 @@ class CurvatureOperator(eqx.Module):
     - `solve(vector, damping, *, solver="dense")`: the exact damped solve
         `(C + damping I)^{-1} vector`, dense or in sample space.
 
-    The GGN product uses only the linear JVP, the loss Hessian in output space and
-    the transposed JVP; no forward pass is repeated.
+    The GGN product uses only `J v`, the loss Hessian in output space and `Jᵀ u`,
+    from the stored linearization; no forward pass is repeated.
 
     !!! example
 
@@ -199,7 +206,7 @@ class CurvatureOperator(eqx.Module):
     predictions: PyTree
     grad: PyTree | None
     factor: Float[Array, ""]
-    linear_fn: Callable | None
+    jacobian: Jacobian | None
     target: PyTree
     loss_grads: PyTree | None
     params: PyTree | None
@@ -213,6 +220,7 @@ class CurvatureOperator(eqx.Module):
     loss_fn: LossFn | None = eqx.field(static=True, default=None)
     axis_name: AxisName | None = eqx.field(static=True, default=None)
     relinearize: bool = eqx.field(static=True, default=False)
+    jac: str = eqx.field(static=True, default="fwd")
 
     def _params_template(self) -> PyTree:
         treedef, leaves = self.params_struct
@@ -236,7 +244,7 @@ class CurvatureOperator(eqx.Module):
         vector = vary_over_shards(vector, self.axis_name)
         if self.num_microbatches == 1 and not self.relinearize:
             product = self._product(
-                self.linear_fn, self.predictions, self.target, self.loss_grads, vector
+                self.jacobian, self.predictions, self.target, self.loss_grads, vector
             )
             return sum_over_shards(product, self.axis_name)
         chunks = to_microbatches(
@@ -245,9 +253,9 @@ class CurvatureOperator(eqx.Module):
         )
 
         def accumulate(total, xs):
-            linear_fn, (pred, target, loss_grads, inputs) = xs
-            if linear_fn is None:  # relinearize: one more forward pass per chunk
-                linear_fn = _linearize(
+            jacobian, (pred, target, loss_grads, inputs) = xs
+            if jacobian is None:  # relinearize: one more forward pass per chunk
+                jacobian = _linearize(
                     self.model_fn,
                     self.params,
                     {"input": inputs, "target": target},
@@ -255,8 +263,9 @@ class CurvatureOperator(eqx.Module):
                     self.curvature,
                     self.factor,
                     self.vmap_over_data,
-                ).linear_fn
-            part = self._product(linear_fn, pred, target, loss_grads, vector)
+                    self.jac,
+                ).jacobian
+            part = self._product(jacobian, pred, target, loss_grads, vector)
             return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, part), None
 
         # Sum the micro-batches' products in at least float32.
@@ -264,21 +273,21 @@ class CurvatureOperator(eqx.Module):
             lambda v: jnp.zeros(v.shape, jnp.result_type(jnp.float32, v.dtype)), vector
         )
         zeros = vary_over_shards(zeros, self.axis_name)
-        total, _ = jax.lax.scan(accumulate, zeros, (self.linear_fn, chunks))
+        total, _ = jax.lax.scan(accumulate, zeros, (self.jacobian, chunks))
         total = sum_over_shards(total, self.axis_name)
         return jax.tree.map(lambda t, v: t.astype(v.dtype), total, vector)
 
     def _product(
         self,
-        linear_fn: Callable,
+        jacobian: Jacobian,
         pred: PyTree,
         target: PyTree,
         loss_grads: PyTree | None,
         vector: PyTree,
     ) -> PyTree:
         if self.curvature == "hessian":
-            return linear_fn(vector)
-        jv = linear_fn(vector)
+            return jacobian.jvp(vector)
+        jv = jacobian.jvp(vector)
         if self.curvature == "empirical_fisher":
             hjv = _per_sample_outer(loss_grads, jv)
         elif self.vmap_over_data:
@@ -287,8 +296,7 @@ class CurvatureOperator(eqx.Module):
             )
         else:
             hjv = self.loss_hessian_mv(jv, pred=pred, target=target)
-        (out,) = jax.linear_transpose(linear_fn, vector)(_scale(hjv, self.factor))
-        return out
+        return jacobian.vjp(_scale(hjv, self.factor), vector)
 
     def __call__(self, vector: PyTree) -> PyTree:
         """Same as `mv`, so the operator can stand wherever a `mv` callable does."""
@@ -374,8 +382,9 @@ def curvature_operator(
     num_microbatches: int = 1,
     relinearize: bool = False,
     axis_name: AxisName | None = None,
+    jac: Jac | None = None,
 ) -> CurvatureOperator:
-    r"""Run the forward pass and `jax.linearize` once, and return the operator.
+    r"""Run the forward pass and linearize it once, and return the operator.
 
     The objective is `factor * sum_i loss(model_fn(input=x_i, params), y_i)`, with
     `factor = 1/batch_size` by default (the batch mean), and:
@@ -427,6 +436,14 @@ def curvature_operator(
         `factor` defaults to `1/global_batch_size`. `predictions` stay local.
         Under plain `jit` with a sharded batch, leave it `None`: XLA inserts the
         sums itself.
+    - `jac`: how the model is linearized. `"fwd"`: `jax.linearize`, a product
+        is one JVP and one VJP. `"bwd"`: reverse mode only, for models with a
+        `jax.custom_vjp` (diffrax's default adjoint, fused kernels, custom
+        gradients), which have no JVP. `Jᵀ u` is the model's VJP and `J v` the
+        VJP of that VJP, so the backward rule must be differentiable once more
+        for products and CG; the exact solvers need only the VJP. `None`
+        (default): `"fwd"` when the model's JVP can be traced, else `"bwd"`,
+        decided at trace time (no extra compile). The choice is `op.jac`.
 
     **Returns:**
 
@@ -434,9 +451,10 @@ def curvature_operator(
 
     **Raises:**
 
-    `ValueError` (at trace time) for an unknown `loss_fn` or `curvature`, non-floating
-    parameters, input and target batches of different sizes, a target that does
-    not fit the predictions, or a `num_microbatches` that does not divide the batch.
+    `ValueError` (at trace time) for an unknown `loss_fn`, `curvature` or `jac`,
+    `jac="fwd"` on a model without forward mode, non-floating parameters, input
+    and target batches of different sizes, a target that does not fit the
+    predictions, or a `num_microbatches` that does not divide the batch.
 
     !!! example
 
@@ -476,6 +494,7 @@ def curvature_operator(
         raise ValueError(
             f"Unknown curvature {curvature!r}; valid ones are {list(CURVATURES)}."
         )
+    check_jac(jac)
     batch_size = check_data(data)
     check_params(params)
     hessian_mv = resolve_loss(loss_fn)[1]
@@ -506,15 +525,19 @@ def curvature_operator(
         factor = 1.0 / (batch_size * shards)
     factor = jnp.asarray(factor, dtype=dtype)
 
+    modes = []  # the mode `jac=None` resolves to, recorded while tracing
+
     def linearize(chunk):
-        return _linearize(
-            model_fn, params, chunk, loss_fn, curvature, factor, vmap_over_data
+        lin = _linearize(
+            model_fn, params, chunk, loss_fn, curvature, factor, vmap_over_data, jac
         )
+        modes.append(lin.jacobian.mode)
+        return lin
 
     if num_microbatches == 1 and not relinearize:
         lin = linearize(data)
         value, pred, grad = lin.value, lin.pred, lin.grad
-        linear_fn, loss_grads = lin.linear_fn, lin.loss_grads
+        jacobian, loss_grads = lin.jacobian, lin.loss_grads
     else:
         chunks = to_microbatches(data, num_microbatches)
 
@@ -523,7 +546,7 @@ def curvature_operator(
             total = jax.tree.map(
                 lambda t, x: t + x.astype(t.dtype), total, _value_and_grad(lin)
             )
-            kept = None if relinearize else lin.linear_fn
+            kept = None if relinearize else lin.jacobian
             return total, (lin.pred, lin.loss_grads, kept)
 
         # The loss and gradient are summed over micro-batches in at least float32.
@@ -534,10 +557,11 @@ def curvature_operator(
             shapes,
         )
         zeros = vary_over_shards(zeros, axis_name)
-        totals, (pred, loss_grads, linear_fn) = jax.lax.scan(accumulate, zeros, chunks)
+        totals, (pred, loss_grads, jacobian) = jax.lax.scan(accumulate, zeros, chunks)
         value, grad = jax.tree.map(lambda t, x: t.astype(x.dtype), totals, shapes)
         pred, loss_grads = from_microbatches((pred, loss_grads))
     value, grad = sum_over_shards((value, grad), axis_name)
+    mode = modes[-1]
 
     leaves, treedef = jax.tree.flatten(params)
     params_struct = (
@@ -549,7 +573,7 @@ def curvature_operator(
         predictions=pred,
         grad=grad,
         factor=factor,
-        linear_fn=linear_fn,
+        jacobian=jacobian,
         target=data["target"],
         loss_grads=loss_grads,
         params=params,
@@ -563,6 +587,7 @@ def curvature_operator(
         relinearize=relinearize,
         loss_fn=loss_fn,
         axis_name=axis_name,
+        jac=mode,
     )
 
 
@@ -579,6 +604,7 @@ def value_and_grad(
     num_microbatches: int = 1,
     relinearize: bool = False,
     axis_name: AxisName | None = None,
+    jac: Jac | None = None,
     return_operator: bool = False,
 ) -> Any:
     r"""The value and gradient of exactly the package's objective, written once.
@@ -598,7 +624,7 @@ def value_and_grad(
     - `loss_fn`: `"mse"`, `"cross_entropy"`, `"binary_cross_entropy"`, `"none"`, or
         a callable `loss(pred, target) -> scalar` for one sample.
     - `curvature`, `factor`, `vmap_over_data`, `num_microbatches`, `relinearize`,
-        `axis_name`: as for [`eqx_ggn.curvature_operator`][]; `curvature` matters
+        `axis_name`, `jac`: as for [`eqx_ggn.curvature_operator`][]; `curvature` matters
         only for the returned operator.
     - `return_operator`: also return the [`eqx_ggn.CurvatureOperator`][].
 
@@ -642,6 +668,7 @@ def value_and_grad(
         num_microbatches=num_microbatches,
         relinearize=relinearize,
         axis_name=axis_name,
+        jac=jac,
     )
     if op.loss is None:
         raise ValueError("value_and_grad needs a loss_fn.")

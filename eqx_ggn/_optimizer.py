@@ -15,6 +15,7 @@ from ._batching import sum_over_shards
 from ._cg import CGResult, CGStop
 from ._checks import check_like
 from ._diagnostics import is_definite, step_diagnostics, warn_if
+from ._jacobian import check_jac
 from ._kfac import (
     MAX_DIM,
     KFACState,
@@ -158,12 +159,14 @@ class _Config(eqx.Module, strict=True):
     vmap_over_data: bool
     num_microbatches: int
     relinearize: bool
+    jac: str | None
     throw: bool
     warn: bool
     axis_name: AxisName | None
 
     def __check_init__(self):
         resolve_loss(self.loss_fn)  # raises for an unknown name
+        check_jac(self.jac)
         if self.curvature not in CURVATURES:
             raise ValueError(
                 f"Unknown curvature {self.curvature!r}; valid ones are "
@@ -472,7 +475,8 @@ def _preconditioner(
 
 
 class _Solve(NamedTuple):
-    """A step's solve: the result, `C d` when it is known (KFAC) else `None`, the
+    """A step's solve: the result, `C d` when it is known (exact solvers, KFAC's
+    rescaling) else `None`, the
     KFAC preconditioner's choice for the next step and plain CG's reference
     iterations (see `_adaptive_kfac_cg`), and the exact solve's rounding level
     (0 for CG and KFAC)."""
@@ -533,8 +537,7 @@ def _solve(
         )
         return _Solve(result, None, use, reference, zero)
     used = jnp.asarray(preconditioner is not None and config.uses_kfac)
-    result, floor = solve(preconditioner)
-    curvature_direction = None
+    result, floor, curvature_direction = solve(preconditioner)
     if solver == "kfac" and config.kfac_rescale:
         previous = state.momentum if config.adaptive_momentum else None
         result, curvature_direction = _rescale_kfac_step(
@@ -672,12 +675,14 @@ def _operator_for_step(
             num_microbatches=config.num_microbatches,
             relinearize=config.relinearize,
             axis_name=config.axis_name,
+            jac=config.jac,
         )
     if not isinstance(operator, CurvatureOperator):
         raise ValueError(
             f"operator must be an eqx_ggn.CurvatureOperator, got {type(operator)}."
         )
-    for name in ("curvature", "loss_fn"):
+    names = ("curvature", "loss_fn") + (() if config.jac is None else ("jac",))
+    for name in names:
         if getattr(operator, name) != getattr(config, name):
             raise ValueError(
                 f"The operator passed to update() has {name}="
@@ -1035,6 +1040,7 @@ def scale_by_gauss_newton(
     vmap_over_data: bool = True,
     num_microbatches: int | None = None,
     relinearize: bool = False,
+    jac: str | None = None,
     throw: bool = False,
     warn: bool = True,
     warn_after: int = 8,
@@ -1176,6 +1182,13 @@ def scale_by_gauss_newton(
         [`eqx_ggn.curvature_operator`][] for the memory and time each costs. `None`
         means 1. It sets array shapes: under `optax.inject_hyperparams`, a given
         `num_microbatches` belongs in `static_args`.
+    - `jac`: `"fwd"` (`jax.linearize`), `"bwd"` (reverse mode only, for models
+        with a `jax.custom_vjp` such as diffrax's default adjoint) or `None`
+        (default: forward mode unless the model has no JVP), as for
+        [`eqx_ggn.curvature_operator`][]. Every solver runs in both modes; CG,
+        KFAC's rescaling and the Jacobi preconditioner need `J v`, which in
+        `"bwd"` mode differentiates the model's backward rule once more, while
+        `"dense"`, `"sample_space"` and `"auto"` need only the VJP.
     - `throw`: a debugging switch. A step that meets non-finite values (NaN/Inf
         in the optimizer state, the damping, the batch, the predictions, the loss,
         the incoming updates or CG's direction) raises an `eqx.error_if` runtime
@@ -1257,6 +1270,7 @@ def scale_by_gauss_newton(
         vmap_over_data=vmap_over_data,
         num_microbatches=1 if num_microbatches is None else num_microbatches,
         relinearize=relinearize,
+        jac=jac,
         throw=throw,
         warn=warn,
         axis_name=axis_name,

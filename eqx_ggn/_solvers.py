@@ -3,9 +3,10 @@
 Both build the factor `A` of the curvature, `C = A^T A`, from per-sample Jacobians:
 row block `i` is `sqrt(factor) * S_i^T J_i`, with `J_i` sample `i`'s Jacobian
 (one `vmap`ped reverse-mode pass per sample, forward mode when there are fewer
-parameters than outputs) and `S_i S_i^T = H_i` a square root of the loss Hessian
-in output space. For the empirical Fisher the row is the per-sample gradient. The
-work is `O(N O P)` for `A`, never a full-batch pass per sample.
+parameters than outputs and the model has forward mode) and `S_i S_i^T = H_i`
+a square root of the loss Hessian in output space. For the empirical Fisher the
+row is the per-sample gradient. The work is `O(N O P)` for `A`, never a
+full-batch pass per sample.
 
 - `"dense"`: `A^T A + λ I` (P x P), accumulated over micro-batches, then Cholesky.
 - `"sample_space"`: `A A^T + λ I` ((N O) x (N O)), Cholesky, and the push-through
@@ -53,8 +54,10 @@ def curvature_factor(
     curvature: str,
     factor: Array,
     dtype: Any,
+    jac: str = "fwd",
 ) -> _Factor:
-    """The rows of `A` (and `w`) for a (micro-)batch, in `ravel_pytree` order."""
+    """The rows of `A` (and `w`) for a (micro-)batch, in `ravel_pytree` order;
+    with `jac="bwd"` by reverse mode only."""
     flat, unravel = ravel_pytree(params)
     flat = flat.astype(dtype)
 
@@ -71,8 +74,9 @@ def curvature_factor(
             return jnp.ravel(sqrt_t(out.astype(dtype)))
 
         rows = jnp.ravel(u).size
-        jac = jax.jacfwd(f) if flat.size < rows else jax.jacrev(f)
-        return jac(flat), jnp.ravel(u).astype(dtype)
+        forward = jac == "fwd" and flat.size < rows
+        jacobian = jax.jacfwd(f) if forward else jax.jacrev(f)
+        return jacobian(flat), jnp.ravel(u).astype(dtype)
 
     rows, w = jax.vmap(sample_rows)(inputs, predictions, target, loss_grads)
     root = jnp.sqrt(factor.astype(dtype))
@@ -144,9 +148,20 @@ def _factor_chunks(s: Any, dtype: Any) -> Callable[[Any], _Factor]:
             s.curvature,
             s.factor,
             dtype,
+            s.jac,
         )
 
     return chunk_factor
+
+
+class Solved(NamedTuple):
+    """A solve's result, the damping below which an exact solve's factorization
+    resolves nothing (0 for CG and KFAC), and `C d` for the solution `d` when the
+    solve computed it (the exact solvers), else `None`."""
+
+    result: CGResult
+    damping_floor: Array
+    curvature_solution: PyTree | None
 
 
 def _result(value: PyTree, residual: Array) -> CGResult:
@@ -163,10 +178,9 @@ def _relative_residual(matrix_times_d, d, damping, rhs) -> Array:
     return jnp.linalg.norm(residual) / jnp.maximum(jnp.linalg.norm(rhs), 1e-300)
 
 
-def solve_dense(s: Any, rhs: PyTree, damping: Array) -> tuple[CGResult, Array]:
+def solve_dense(s: Any, rhs: PyTree, damping: Array) -> Solved:
     """`(C + λ I) d = rhs` with `C` materialized in parameter space (P x P), for
-    a `CurvatureOperator` `s` (its Hessian from `P` products); also the
-    factorization's rounding level (see `rounding_floor`)."""
+    a `CurvatureOperator` `s` (its Hessian from `P` products)."""
     dtype = _compute_dtype(s.params)
     flat_rhs, unravel = ravel_pytree(rhs)
     out_dtype = flat_rhs.dtype
@@ -199,13 +213,18 @@ def solve_dense(s: Any, rhs: PyTree, damping: Array) -> tuple[CGResult, Array]:
     lam = jnp.asarray(damping, dtype)
     d = _solve_spd(matrix, lam, flat_rhs[:, None], pseudo_inverse_below_floor=singular)
     d = d[:, 0]
-    residual = _relative_residual(matrix @ d, d, lam, flat_rhs)
-    return _result(unravel(d.astype(out_dtype)), residual), rounding_floor(matrix)
+    cd = matrix @ d
+    residual = _relative_residual(cd, d, lam, flat_rhs)
+    return Solved(
+        _result(unravel(d.astype(out_dtype)), residual),
+        rounding_floor(matrix),
+        unravel(cd.astype(out_dtype)),
+    )
 
 
-def solve_sample_space(s: Any, rhs: PyTree, damping: Array) -> tuple[CGResult, Array]:
-    """`(C + λ I) d = rhs` through the (N O) x (N O) kernel `A A^T`, and the
-    factorization's rounding level (the kernel's nonzero spectrum is `C`'s).
+def solve_sample_space(s: Any, rhs: PyTree, damping: Array) -> Solved:
+    """`(C + λ I) d = rhs` through the (N O) x (N O) kernel `A A^T` (whose nonzero
+    spectrum is `C`'s, so its rounding level is the floor).
 
     With `rhs = g + δ`, `g = A^T w` the objective's gradient: for `λ > 0`,
     `d = A^T (K + λ)^{-1} (w - A δ / λ) + δ / λ` (Woodbury for `δ`), and for
@@ -248,8 +267,13 @@ def solve_sample_space(s: Any, rhs: PyTree, damping: Array) -> tuple[CGResult, A
 
     coefficients = jax.lax.cond(positive, lambda _: y - z / safe, min_norm, None)
     d = coefficients @ a + jnp.where(positive, delta / safe, 0)
-    residual = _relative_residual((a @ d) @ a, d, lam, flat_rhs)
-    return _result(unravel(d.astype(out_dtype)), residual), rounding_floor(kernel)
+    cd = (a @ d) @ a
+    residual = _relative_residual(cd, d, lam, flat_rhs)
+    return Solved(
+        _result(unravel(d.astype(out_dtype)), residual),
+        rounding_floor(kernel),
+        unravel(cd.astype(out_dtype)),
+    )
 
 
 def choose_solver(
@@ -332,10 +356,8 @@ def solve_with(
     preconditioner: Callable | None = None,
     progress_tol: float | Array = 0.0,
     max_matrix_bytes: int | None = None,
-) -> tuple[CGResult, Array]:
-    """`(C + damping I)^{-1} rhs` with the named solver, for a `CurvatureOperator`,
-    and the damping below which an exact solve's factorization cannot resolve
-    anything (0 for CG and KFAC)."""
+) -> Solved:
+    """`(C + damping I)^{-1} rhs` with the named solver, for a `CurvatureOperator`."""
     solver = resolve_solver(solver, op, max_matrix_bytes)
     if solver == "kfac":
         if preconditioner is None:
@@ -344,7 +366,8 @@ def solve_with(
                 "hold: pass it as preconditioner= (see eqx_ggn.kfac_inverse), or use "
                 "solver='kfac' in eqx_ggn.scale_by_gauss_newton."
             )
-        return _result(preconditioner(rhs), jnp.nan), jnp.zeros([], jnp.float32)
+        zero = jnp.zeros([], jnp.float32)
+        return Solved(_result(preconditioner(rhs), jnp.nan), zero, None)
     if solver == "cg":
         lam = jnp.asarray(damping, jnp.float32)
 
@@ -360,6 +383,6 @@ def solve_with(
             preconditioner=preconditioner,
             progress_tol=progress_tol,
         )
-        return result, jnp.zeros([], jnp.float32)
+        return Solved(result, jnp.zeros([], jnp.float32), None)
     exact = solve_dense if solver == "dense" else solve_sample_space
     return exact(op, rhs, damping)

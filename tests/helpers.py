@@ -39,6 +39,23 @@ class TokenModel(eqx.Module):
         return jax.vmap(self.head)(h)
 
 
+class ConvNet(eqx.Module):
+    """Conv2d (padding and stride) -> tanh -> flatten -> Linear."""
+
+    conv: eqx.nn.Conv2d
+    head: eqx.nn.Linear
+
+    def __init__(self, key, padding_mode="ZEROS"):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(
+            2, 3, (2, 3), stride=(1, 2), padding=1, padding_mode=padding_mode, key=k1
+        )
+        self.head = eqx.nn.Linear(3 * 5 * 3, 2, key=k2)
+
+    def __call__(self, x):  # x: (2, 4, 5)
+        return self.head(jnp.tanh(self.conv(x)).reshape(-1))
+
+
 def linear_problem(key=0, n=40, d=5, k=3):
     """A linear least-squares problem: `model_fn`, zero `params`, and a batch."""
     kx, kw, ky = jax.random.split(jax.random.key(key), 3)
@@ -81,8 +98,10 @@ def make_problem(kind, key=0, batch=6):
 
 
 @eqx.filter_jit
-def dense_curvatures(model_fn, params, data, loss_fn, factor):
-    """Dense GGN, empirical Fisher, Hessian and gradient of factor * sum_i loss_i."""
+def dense_curvatures(model_fn, params, data, loss_fn, factor, reverse=False):
+    """Dense GGN, empirical Fisher, Hessian and gradient of factor * sum_i loss_i;
+    with `reverse`, from reverse-mode derivatives only (`jacrev`, and the Hessian
+    as `jacrev` of the gradient), for models with a `jax.custom_vjp`."""
     loss = resolve_loss(loss_fn)[0]
     flat, unravel = ravel_pytree(params)
     x, y = data["input"], data["target"]
@@ -95,7 +114,8 @@ def dense_curvatures(model_fn, params, data, loss_fn, factor):
 
     pred = predict(flat)
     batch = pred.shape[0]
-    jac = jax.jacfwd(predict)(flat).reshape(batch, -1, flat.size)
+    jacobian = jax.jacrev if reverse else jax.jacfwd
+    jac = jacobian(predict)(flat).reshape(batch, -1, flat.size)
     loss_hess = jax.vmap(jax.hessian(loss))(pred, y).reshape(batch, jac.shape[1], -1)
     ggn = factor * jnp.einsum("bip,bij,bjq->pq", jac, loss_hess, jac)
     per_sample = jax.vmap(
@@ -103,7 +123,8 @@ def dense_curvatures(model_fn, params, data, loss_fn, factor):
         in_axes=(None, 0, 0),
     )(flat, x, y)
     emp_fisher = factor * per_sample.T @ per_sample
-    hessian = jax.hessian(objective)(flat)
+    hessian = jax.jacrev(jax.grad(objective))(flat) if reverse else None
+    hessian = jax.hessian(objective)(flat) if hessian is None else hessian
     return {
         "ggn": ggn,
         "fisher": ggn,

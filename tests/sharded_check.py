@@ -36,9 +36,11 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def programs(model_fn, static, axis_name=None):
-    """The computations under test; with `axis_name`, written per device."""
+def programs(model_fn, static, axis_name=None, jac=None):
+    """The computations under test; with `axis_name`, written per device; with
+    `jac`, linearized in that mode."""
     mapped = {} if axis_name is None else {"axis_name": axis_name}
+    mapped |= {} if jac is None else {"jac": jac}
 
     def loss(p, batch):
         logits = jax.vmap(lambda xi: model_fn(input=xi, params=p))(batch["input"])
@@ -206,6 +208,10 @@ def main():
         lambda b: per_device["products"](params, b, v), axis_name="data"
     )(shards)
     pmapped = jax.tree.map(lambda a: a[0], pmapped[:3])  # device 0's global values
+    # Reverse mode only (jac="bwd"), per device.
+    backward = programs(model_fn, static, axis_name="data", jac="bwd")
+    backward = {k: backward[k] for k in ("products", "step", "dense_step")}
+    backward = run(backward, shard_mapped, sharded_params, sharded_batch, v)
     # A NaN in one device's shard: every device rejects the step.
     bad = {**batch, "input": batch["input"].at[40, 0].set(jnp.nan)}
     bad = jax.device_put(bad, NamedSharding(mesh, SPLIT))
@@ -223,6 +229,15 @@ def main():
         "shard_map_unchecked_grad": rel(unchecked[1], single["products"][1]),
         "pmap_mv": rel(pmapped[0], single["products"][0]),
         "pmap_grad": rel(pmapped[1], single["products"][1]),
+        "bwd_shard_map_mv": rel(backward["products"][0], single["products"][0]),
+        "bwd_shard_map_grad": rel(backward["products"][1], single["products"][1]),
+        **{
+            f"bwd_shard_map_{name}": rel(
+                jax.tree.map(jnp.subtract, backward[name][0], params),
+                jax.tree.map(jnp.subtract, single[name][0], params),
+            )
+            for name in ("step", "dense_step")
+        },
         "shard_map_nan_accepted": bool(accepted_bad),
         "shard_map_nan_params_unchanged": bool(
             jnp.array_equal(ravel_pytree(after_bad)[0], ravel_pytree(params)[0])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_rel_close, dense_curvatures, to_f64
+from helpers import ConvNet, assert_rel_close, dense_curvatures, to_f64
 from jax.flatten_util import ravel_pytree
 
 import eqx_ggn
@@ -47,23 +47,6 @@ class Net(eqx.Module):
         h = jnp.tanh(self.norm(self.layers[0](x)))
         h = jnp.tanh(self.layers[1](h)) * self.scale
         return self.layers[2](h)
-
-
-class ConvNet(eqx.Module):
-    """Conv2d (padding and stride) -> tanh -> flatten -> Linear."""
-
-    conv: eqx.nn.Conv2d
-    head: eqx.nn.Linear
-
-    def __init__(self, key, padding_mode="ZEROS"):
-        k1, k2 = jax.random.split(key)
-        self.conv = eqx.nn.Conv2d(
-            2, 3, (2, 3), stride=(1, 2), padding=1, padding_mode=padding_mode, key=k1
-        )
-        self.head = eqx.nn.Linear(3 * 5 * 3, 2, key=k2)
-
-    def __call__(self, x):  # x: (2, 4, 5)
-        return self.head(jnp.tanh(self.conv(x)).reshape(-1))
 
 
 class Recurrent(eqx.Module):

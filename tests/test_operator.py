@@ -80,7 +80,7 @@ def test_arrays_are_traced_not_constants(problem):
     # ...and nothing bigger than a scalar is baked in as a constant.
     assert all(np.size(c) <= 1 for c in closed.consts)
     # The residuals hold the batch: 6 samples of hidden activations.
-    residual_sizes = [x.size for x in jax.tree.leaves(op.linear_fn)]
+    residual_sizes = [x.size for x in jax.tree.leaves(op.jacobian)]
     assert residual_sizes and max(residual_sizes) >= 6 * 5
 
 

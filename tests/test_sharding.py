@@ -36,11 +36,15 @@ def test_sharded_batch_matches_single_device():
     names += [f"shard_map_{name}" for name in names]
     names += ["shard_map_unchecked_mv", "shard_map_unchecked_grad"]
     names += ["pmap_mv", "pmap_grad"]
+    # Reverse mode only (jac="bwd") inside shard_map: products and gradient.
+    names += ["bwd_shard_map_mv", "bwd_shard_map_grad"]
     for name in names:
         assert result[name] <= 1e-6, (name, result)
     assert result["micro_predictions"] <= 1e-6, result
     assert result["accepted"] and result["step"] <= 1e-5, result
     assert result["shard_map_accepted"] and result["shard_map_step"] <= 1e-5, result
+    assert result["bwd_shard_map_step"] <= 1e-5, result
+    assert result["bwd_shard_map_dense_step"] <= 1e-5, result
     # solver="dense": per-shard A^T A and one psum, or XLA's own sums under jit.
     # solver="kfac": factor sums psummed over the shards (shard_map) or by XLA.
     for prefix in ("", "shard_map_"):
