@@ -170,9 +170,8 @@ def main():
     results, data = run(args.seed, budget)
 
     marks = [t for t in (1, 3, 10) if t < budget] + [budget]
-    print(
-        "\n| optimizer | steps | " + " | ".join(f"loss at {t:g} s" for t in marks) + " |"
-    )
+    head = " | ".join(f"loss at {t:g} s" for t in marks)
+    print(f"\n| optimizer | steps | {head} |")
     print("|---" * (len(marks) + 2) + "|")
     for name, (_, history) in results.items():
         cells = [min(v for t, v in history if t <= m) for m in marks]

@@ -189,24 +189,31 @@ def test_bwd_step_equals_fwd_step_for_every_solver(x64, net):
 
 def test_jac_none_picks_the_mode_at_trace_time_with_one_compile():
     """`jac=None` gives `"fwd"` for a plain model and `"bwd"` for a custom VJP,
-    recorded on the operator, and the jitted function traces once per model."""
+    recorded on the operator, and the jitted function traces once per model; in
+    bfloat16 (mixed precision) too."""
     model, data = make_problem("regression", key=2)
     custom = with_activation(model, custom_tanh)
+    low = jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, custom
+    )
 
     def operator(model):
         return eqx_ggn.curvature_operator(model=model, data=data, loss_fn="mse")
 
     @eqx.filter_jit
-    @eqx.debug.assert_max_traces(max_traces=2)  # one per model
+    @eqx.debug.assert_max_traces(max_traces=3)  # one per model
     def product(model):
         op = operator(model)
         return op.mv(op.grad)
 
     for _ in range(2):
-        plain_gv, custom_gv = product(model), product(custom)
-    modes = [eqx.filter_eval_shape(operator, m).jac for m in (model, custom)]
-    assert modes == ["fwd", "bwd"]
+        plain_gv, custom_gv, low_gv = product(model), product(custom), product(low)
+    modes = [eqx.filter_eval_shape(operator, m).jac for m in (model, custom, low)]
+    assert modes == ["fwd", "bwd", "bwd"]
     assert_rel_close(custom_gv, plain_gv, 1e-5)  # the same function, float32
+    assert {x.dtype for x in jax.tree.leaves(low_gv)} == {jnp.dtype(jnp.bfloat16)}
+    low_gv = jax.tree.map(lambda x: x.astype(jnp.float32), low_gv)
+    assert_rel_close(low_gv, plain_gv, 5e-2)  # bfloat16 rounding
 
 
 @eqx.filter_jit

@@ -127,30 +127,30 @@ def problem(num_samples=3, dtype=jnp.float64):
     return model, {"input": ids, "target": target}
 
 
-def reference_factors(model, batch, cotangent_sets):
+@eqx.filter_jit
+def reference_factors(model, batch, cotangents):
     """`A = mean over samples and uses of a a^T`, `G = (1/N) sum over samples,
-    uses and pulled-back vectors of g g^T`, from explicit per-token rows:
-    `cotangent_sets(n, logits)` gives the `(K, T, V)` vectors of sample `n`."""
+    uses and pulled-back vectors of g g^T`, from explicit per-token rows;
+    `cotangents(logits)` maps the model's `(N, T, V)` logits to the `(N, K, T, V)`
+    vectors pulled back. Also the reference network's logits."""
     sizes = output_sizes(model)
-    num = batch["input"].shape[0]
-    a_sum = {n: 0.0 for n in LAYERS}
-    g_sum = {n: 0.0 for n in LAYERS}
-    for i in range(num):
-        ids = batch["input"][i]
+    vectors = cotangents(jax.vmap(model)(batch["input"]))
+
+    def per_sample(ids, sample_vectors):
         zeros = {n: jnp.zeros((CONTEXT, m)) for n, m in sizes.items()}
         logits, pullback, rows = jax.vjp(
             functools.partial(reference, model, ids), zeros, has_aux=True
         )
-        assert_rel_close(logits, model(ids), 1e-12)  # the same network
-        for name in LAYERS:
-            a_sum[name] = a_sum[name] + rows[name].T @ rows[name]
-        for s in cotangent_sets(i, logits):
-            (per_use,) = pullback(s)
-            for name in LAYERS:
-                g = per_use[name]  # (T, m): one row per use
-                g_sum[name] = g_sum[name] + g.T @ g
+        per_use = jax.vmap(lambda v: pullback(v)[0])(sample_vectors)  # (K, T, m)
+        a = {n: rows[n].T @ rows[n] for n in LAYERS}
+        g = {n: jnp.einsum("ktm,ktl->ml", per_use[n], per_use[n]) for n in LAYERS}
+        return logits, a, g
+
+    logits, a, g = jax.vmap(per_sample)(batch["input"], vectors)
+    num = batch["input"].shape[0]
     uses = num * CONTEXT
-    return {n: (a_sum[n] / uses, g_sum[n] / num) for n in LAYERS}
+    factors = {n: (a[n].sum(0) / uses, g[n].sum(0) / num) for n in LAYERS}
+    return factors, logits
 
 
 def check_blocks(factors, expected):
@@ -174,12 +174,13 @@ def test_expand_factors_equal_explicit_per_token_sums(x64):
     factors above it diagonal, equal to the dense factors' diagonals."""
     model, batch = problem()
 
-    def ggn_vectors(i, logits):
+    @jax.vmap
+    def ggn_vectors(logits):
         # Columns of a root of the per-token softmax Hessian diag(p) - p p^T.
         p = jax.nn.softmax(logits, -1)
-        root = jnp.stack(
-            [jnp.diag(jnp.sqrt(q)) - jnp.outer(q, jnp.sqrt(q)) for q in p]
-        )  # (T, V, V): root root^T = diag(p) - p p^T per token
+        sqrt = jnp.sqrt(p)
+        root = jax.vmap(jnp.diag)(sqrt) - p[:, :, None] * sqrt[:, None, :]
+        # (T, V, V): root root^T = diag(p) - p p^T per token
         basis = jnp.zeros((CONTEXT, VOCAB, CONTEXT, VOCAB))
         basis = basis.at[jnp.arange(CONTEXT), :, jnp.arange(CONTEXT), :].set(
             jnp.swapaxes(root, 1, 2)
@@ -187,20 +188,20 @@ def test_expand_factors_equal_explicit_per_token_sums(x64):
         return basis.reshape(CONTEXT * VOCAB, CONTEXT, VOCAB)
 
     factors = eqx_ggn.kfac_factors(model, batch, "cross_entropy")
-    check_blocks(factors, reference_factors(model, batch, ggn_vectors))
+    expected, logits = reference_factors(model, batch, ggn_vectors)
+    assert_rel_close(logits, jax.vmap(model)(batch["input"]), 1e-12)  # same network
+    check_blocks(factors, expected)
 
     key = jax.random.key(3)
-    all_logits = jax.vmap(model)(batch["input"])
-    labels = jax.random.categorical(key, all_logits, axis=-1)
 
-    def fisher_vectors(i, logits):
-        p = jax.nn.softmax(logits, -1)
-        return (p - jax.nn.one_hot(labels[i], VOCAB))[None]
+    def fisher_vectors(logits):
+        labels = jax.random.categorical(key, logits, axis=-1)
+        return (jax.nn.softmax(logits, -1) - jax.nn.one_hot(labels, VOCAB))[:, None]
 
     fisher = eqx_ggn.kfac_factors(
         model, batch, "cross_entropy", curvature="fisher", key=key
     )
-    check_blocks(fisher, reference_factors(model, batch, fisher_vectors))
+    check_blocks(fisher, reference_factors(model, batch, fisher_vectors)[0])
 
     # max_dim: dense factors of size 9 (up, head's A) and 16 (up's G, down's A)
     # become diagonal; smaller ones stay dense.

@@ -131,23 +131,32 @@ def test_vmap_over_data_false(kind, loss_fn):
     def batch_model_fn(input, params):  # noqa: A002
         return jax.vmap(lambda x: per_sample_fn(input=x, params=params))(input)
 
-    ref = dense_curvatures(per_sample_fn, params, data, loss_fn, 1.0)
-    ggn_mv = eqx_ggn.create_ggn_mv(
-        batch_model_fn, params, data, loss_fn, vmap_over_data=False
-    )
-    assert_rel_close(as_dense(ggn_mv, params), ref["ggn"])
-    for curvature in ("empirical_fisher", "hessian"):
-        op = eqx_ggn.curvature_operator(
-            batch_model_fn,
-            params,
-            data,
-            loss_fn,
-            curvature=curvature,
-            factor=1.0,
-            vmap_over_data=False,
+    @eqx.filter_jit  # one program for the three matrices
+    def matrices(params, data):
+        ggn_mv = eqx_ggn.create_ggn_mv(
+            batch_model_fn, params, data, loss_fn, vmap_over_data=False
         )
-        assert_rel_close(op.as_matrix(), ref[curvature])
-        assert_rel_close(ravel_pytree(op.grad)[0], ref["grad"])
+        out = {"ggn": as_dense(ggn_mv, params)}
+        for curvature in ("empirical_fisher", "hessian"):
+            op = eqx_ggn.curvature_operator(
+                batch_model_fn,
+                params,
+                data,
+                loss_fn,
+                curvature=curvature,
+                factor=1.0,
+                vmap_over_data=False,
+            )
+            out[curvature] = op.as_matrix()
+            out[f"{curvature}_grad"] = ravel_pytree(op.grad)[0]
+        return out
+
+    ref = dense_curvatures(per_sample_fn, params, data, loss_fn, 1.0)
+    out = matrices(params, data)
+    assert_rel_close(out["ggn"], ref["ggn"])
+    for curvature in ("empirical_fisher", "hessian"):
+        assert_rel_close(out[curvature], ref[curvature])
+        assert_rel_close(out[f"{curvature}_grad"], ref["grad"])
 
 
 def test_custom_loss_hessian_mv_replaces_the_loss():

@@ -20,6 +20,17 @@ SETTINGS = settings(
 )
 
 
+@eqx.filter_jit
+def _two_products(mlp, data, loss_fn, keys):
+    """Random `u`, `v` and `G u`, `G v`: one compiled program per example."""
+    op = eqx_ggn.curvature_operator(model=mlp, data=data, loss_fn=loss_fn)
+    flat, unravel = ravel_pytree(op.grad)
+    u = jax.random.normal(keys[3], flat.shape)
+    v = jax.random.normal(keys[4], flat.shape)
+    gu, gv = ravel_pytree(op.mv(unravel(u)))[0], ravel_pytree(op.mv(unravel(v)))[0]
+    return u, v, gu, gv
+
+
 @SETTINGS
 @given(
     width=st.integers(1, 6),
@@ -43,17 +54,16 @@ def test_ggn_is_symmetric_positive_semidefinite(
         target = jax.random.randint(keys[2], (batch,), 0, outputs)
     else:
         target = jax.random.uniform(keys[2], (batch, outputs))
-    op = eqx_ggn.curvature_operator(
-        model=mlp, data={"input": x, "target": target}, loss_fn=loss_fn
-    )
-    flat, unravel = ravel_pytree(op.grad)
-    u = jax.random.normal(keys[3], flat.shape)
-    v = jax.random.normal(keys[4], flat.shape)
-    gu, gv = ravel_pytree(op.mv(unravel(u)))[0], ravel_pytree(op.mv(unravel(v)))[0]
+    u, v, gu, gv = _two_products(mlp, {"input": x, "target": target}, loss_fn, keys)
     scale = np.linalg.norm(gu) * np.linalg.norm(v) + 1e-300
     assert abs(float(v @ gu - u @ gv)) <= 1e-12 * scale
     for w, gw in ((u, gu), (v, gv)):
         assert float(w @ gw) >= -1e-12 * (np.linalg.norm(gw) * np.linalg.norm(w))
+
+
+@jax.jit
+def _cg(a, b, maxiter):
+    return eqx_ggn.cg(lambda v: a @ v, b, tol=1e-10, maxiter=maxiter, progress_tol=0.0)
 
 
 @SETTINGS
@@ -70,7 +80,7 @@ def test_cg_solves_spd_systems_within_n_steps(n, log_cond, seed):
     q, _ = jnp.linalg.qr(jax.random.normal(k1, (n, n)))
     a = (q * jnp.logspace(0, log_cond, n)) @ q.T
     b = jax.random.normal(k2, (n,))
-    result = eqx_ggn.cg(lambda v: a @ v, b, tol=1e-10, maxiter=n, progress_tol=0.0)
+    result = _cg(a, b, n)
     assert int(result.stop_reason) == int(eqx_ggn.CGStop.CONVERGED), result
     assert int(result.num_steps) <= n
     residual = jnp.linalg.norm(a @ result.value - b) / jnp.linalg.norm(b)
