@@ -1,5 +1,7 @@
 """Bad input and non-determinism: safe rejections, clear errors, frozen randomness."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -232,7 +234,9 @@ def test_dropout_and_batchnorm_are_frozen_inside_one_operator(x64):
         assert np.array_equal(a, b)  # bit for bit
     # The frozen operator is the GGN of that one deterministic function.
     flat, unravel = ravel_pytree(params)
-    jac = jax.jacfwd(lambda f: model_fn(input=data["input"], params=unravel(f)))(flat)
+    jac = jax.jit(
+        jax.jacfwd(lambda f: model_fn(input=data["input"], params=unravel(f)))
+    )(flat)
     jac = jac.reshape(-1, flat.size)
     batch = data["input"].shape[0]
     assert_rel_close(matrix, 2.0 / batch * jac.T @ jac, 1e-10)
@@ -261,6 +265,7 @@ def test_non_finite_optimizer_state_is_reset_or_named():
     )
     corrupted = (inner, *fresh[1:])
 
+    @functools.partial(jax.jit, static_argnums=0)  # one program per optimizer
     def update(opt, state):
         return opt.update(grads, state, params, model_fn=model_fn, batch=batch)
 
@@ -272,7 +277,7 @@ def test_non_finite_optimizer_state_is_reset_or_named():
     assert bool(jnp.all(jnp.isfinite(ravel_pytree(state[0].solution)[0])))
     loud = eqx_ggn.gauss_newton(1.0, throw=True, **kwargs)
     with pytest.raises(Exception, match=r"optimizer state .* holds NaN or Inf"):
-        jax.block_until_ready(jax.jit(update, static_argnums=0)(loud, corrupted))
+        jax.block_until_ready(update(loud, corrupted))
 
 
 def test_non_finite_injected_damping_rejects_the_step_or_is_named():

@@ -92,10 +92,15 @@ def test_one_exact_step_solves_linear_least_squares(solver):
     opt = eqx_ggn.gauss_newton(
         1.0, loss_fn="mse", solver=solver, damping=0.0, adaptive_damping=False
     )
-    _, grads = eqx_ggn.value_and_grad(model_fn, params, batch, "mse")
-    updates, state = opt.update(
-        grads, opt.init(params), params, model_fn=model_fn, batch=batch
-    )
+
+    @jax.jit  # one program, not one per operation
+    def step(params):
+        _, grads = eqx_ggn.value_and_grad(model_fn, params, batch, "mse")
+        return opt.update(
+            grads, opt.init(params), params, model_fn=model_fn, batch=batch
+        )
+
+    updates, state = step(params)
     new = optax.apply_updates(params, updates)
     design = jnp.concatenate([batch["input"], jnp.ones((40, 1))], axis=1)
     exact = jnp.linalg.lstsq(design, batch["target"])[0]
@@ -207,9 +212,15 @@ def test_frozen_part_and_low_precision_params():
     )
     params, static = eqx_ggn.partition(model, spec)
     model_fn = eqx_ggn.as_model_fn(static)
-    op = eqx_ggn.curvature_operator(model_fn, params, data, "cross_entropy")
-    flat = ravel_pytree(op.grad)[0]
-    expected = jnp.linalg.solve(op.as_matrix() + 0.1 * jnp.eye(flat.size), flat)
+
+    @jax.jit
+    def reference(params):
+        op = eqx_ggn.curvature_operator(model_fn, params, data, "cross_entropy")
+        flat = ravel_pytree(op.grad)[0]
+        step = jnp.linalg.solve(op.as_matrix() + 0.1 * jnp.eye(flat.size), flat)
+        return op, step
+
+    op, expected = reference(params)
     for solver in ("dense", "sample_space"):
         opt = eqx_ggn.scale_by_gauss_newton(
             "cross_entropy", solver=solver, damping=0.1, adaptive_damping=False
