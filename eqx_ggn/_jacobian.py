@@ -70,7 +70,7 @@ class Jacobian(eqx.Module):
 
     def jvp(self, vector: PyTree) -> PyTree:
         """`J v`. A `ValueError` at trace time when reverse mode cannot give it."""
-        if self.symmetric and self.backward is not None:  # J v = Jᵀ v
+        if self.symmetric:  # J v = Jᵀ v (a Hessian): the pullback alone
             return self.backward(vector)[0]
         if self.mode == "fwd":
             return self.forward(vector)
