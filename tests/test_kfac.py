@@ -585,7 +585,7 @@ def _cg_iterations(model, batch, loss_fn, preconditioner, steps=8):
     return np.array(its), used
 
 
-def test_kfac_preconditioner_is_used_only_while_it_pays():
+def test_kfac_preconditioner_is_used_only_while_it_pays(x64):
     """Where KFAC preconditioning costs more iterations than none (a classifier
     at initialization), the comparisons on the refresh steps (0 and 4) keep plain
     CG: the steps in between cost what plain CG costs, a comparison at most twice
