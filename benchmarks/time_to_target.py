@@ -19,6 +19,7 @@ below it. Also reported: steps per second and the step's XLA memory (arguments,
 outputs and temporaries of the compiled step).
 
     python benchmarks/time_to_target.py [--quick] [--workload NAME]
+        [--optimizers PREFIXES] [--costs]
 """
 
 import argparse
@@ -172,11 +173,15 @@ def autoencoder_workload(budget):
 # Each optimizer: (label, setting name, three values, factory). A factory takes
 # the value and the number of steps the budget is expected to hold, and returns
 # `(optax transformation, curvature)`, the curvature `None` for a first-order one.
-def adamw(lr, steps):
-    schedule = optax.warmup_cosine_decay_schedule(
+def warmup_cosine(lr, steps):
+    """Linear warmup over 5% of the budget's steps, then cosine decay to 0."""
+    return optax.warmup_cosine_decay_schedule(
         0.0, lr, max(steps // 20, 1), max(steps, 2)
     )
-    return optax.adamw(schedule, weight_decay=1e-4), None
+
+
+def adamw(lr, steps):
+    return optax.adamw(warmup_cosine(lr, steps), weight_decay=1e-4), None
 
 
 def muon(lr, steps):
@@ -218,6 +223,20 @@ def optimizers(workload):
                 learning_rate=v,
                 curvature="fisher",
                 damping=0.1,
+                kfac_every=5,
+                **fixed,
+            ),
+        ),
+        (
+            "KFAC Fisher, warmup-cosine lr, momentum 0.9 (damping 0.01)",
+            "lr",
+            (0.01, 0.03, 0.1),
+            lambda v, s: gn(
+                workload,
+                learning_rate=warmup_cosine(v, s),
+                curvature="fisher",
+                damping=0.01,
+                momentum=0.9,
                 kfac_every=5,
                 **fixed,
             ),
@@ -339,12 +358,15 @@ def time_to(curve, target):
     return math.inf
 
 
-def benchmark(workload, print_row, cache):
-    """Every optimizer's tuned and second-seed runs; rows already in `cache` (a
+def benchmark(workload, print_row, cache, only=None):
+    """Every optimizer's tuned and second-seed runs (or those whose labels start
+    with one of the prefixes `only`, and AdamW's); rows already in `cache` (a
     JSON file, so that an interrupted run resumes) are not run again."""
     stored = json.loads(cache.read_text()) if cache.exists() else {}
     results = {}
     for label, name, values, factory in optimizers(workload):
+        if only and not label.startswith(("AdamW", *only)):
+            continue
         key = f"{workload.name}/{label}"
         if key in stored:
             results[label] = stored[key]
@@ -487,6 +509,11 @@ def main():
     parser.add_argument("--workload", default=None)
     parser.add_argument("--costs", action="store_true", help="the cost tables only")
     parser.add_argument("--cache", default="time_to_target.json")
+    parser.add_argument(
+        "--optimizers",
+        default=None,
+        help="label prefixes to run, separated by semicolons (AdamW always runs)",
+    )
     args = parser.parse_args()
     # GaussNewtonWarning: counted per run instead of printed.
     warnings.simplefilter("ignore", eqx_ggn.GaussNewtonWarning)
@@ -516,7 +543,8 @@ def main():
             costs(workload)
             continue
         cache = pathlib.Path(args.cache + ("-quick" if args.quick else ""))
-        results, target = benchmark(workload, print_row, cache)
+        only = args.optimizers.split(";") if args.optimizers else None
+        results, target = benchmark(workload, print_row, cache, only)
         report(workload, results, target)
 
 

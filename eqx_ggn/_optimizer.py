@@ -83,6 +83,9 @@ class ScaleByGaussNewtonState(NamedTuple):
     - `reference_iterations`: plain CG's iterations at the last comparison with
       the KFAC preconditioner (the largest int32 before one; -1 when the next
       step compares again).
+    - `comparisons_lost`: how many comparisons in a row KFAC lost (at most 3);
+      after `k` of them only every `2^k`-th inverse refresh compares again, so a
+      preconditioner that does not pay costs ever less.
     - `rejected_steps`: how many steps in a row were rejected (0 after an accepted
       one). A rejected step whose loss rose by no more than rounding (16 machine
       epsilons of `loss_scale`), as happens once the loss reaches its floating-point
@@ -133,6 +136,7 @@ class ScaleByGaussNewtonState(NamedTuple):
     grid_scale: Float[Array, ""]
     preconditioned: Bool[Array, ""]
     reference_iterations: Int[Array, ""]
+    comparisons_lost: Int[Array, ""]
     solution: PyTree | None
     diagonal: PyTree | None
     momentum: PyTree | None
@@ -398,6 +402,7 @@ def _initial_state(
         grid_scale=jnp.ones([], jnp.float32),
         preconditioned=jnp.asarray(False),  # KFAC must first win a comparison
         reference_iterations=jnp.asarray(jnp.iinfo(jnp.int32).max, jnp.int32),
+        comparisons_lost=jnp.zeros([], jnp.int32),
         solution=zeros() if config.warm_start else None,
         diagonal=zeros() if config.preconditioner == "jacobi" else None,
         momentum=zeros() if config.heavy_ball or config.adaptive_momentum else None,
@@ -477,14 +482,15 @@ def _preconditioner(
 class _Solve(NamedTuple):
     """A step's solve: the result, `C d` when it is known (exact solvers, KFAC's
     rescaling) else `None`, the
-    KFAC preconditioner's choice for the next step and plain CG's reference
-    iterations (see `_adaptive_kfac_cg`), and the exact solve's rounding level
-    (0 for CG and KFAC)."""
+    KFAC preconditioner's choice for the next step, plain CG's reference
+    iterations and the comparisons KFAC lost in a row (see `_adaptive_kfac_cg`),
+    and the exact solve's rounding level (0 for CG and KFAC)."""
 
     result: CGResult
     curvature_direction: PyTree | None
     preconditioned: Bool[Array, ""]
     reference_iterations: Int[Array, ""]
+    comparisons_lost: Int[Array, ""]
     damping_floor: Float[Array, ""]
 
 
@@ -527,7 +533,7 @@ def _solve(
             )
             return 0.5 * tree_dot(d, damped) - tree_dot(rhs, d)
 
-        result, use, reference = _adaptive_kfac_cg(
+        result, use, reference, lost = _adaptive_kfac_cg(
             lambda *a: solve(*a)[0],
             quadratic,
             preconditioner,
@@ -535,7 +541,7 @@ def _solve(
             options.tol,
             inverse_every,
         )
-        return _Solve(result, None, use, reference, zero)
+        return _Solve(result, None, use, reference, lost, zero)
     used = jnp.asarray(preconditioner is not None and config.uses_kfac)
     result, floor, curvature_direction = solve(preconditioner)
     if solver == "kfac" and config.kfac_rescale:
@@ -544,12 +550,22 @@ def _solve(
             op, rhs, result.value, previous, damping
         )
     floor = jnp.asarray(floor, jnp.float32)
-    return _Solve(result, curvature_direction, used, state.reference_iterations, floor)
+    return _Solve(
+        result,
+        curvature_direction,
+        used,
+        state.reference_iterations,
+        state.comparisons_lost,
+        floor,
+    )
 
 
 # A preconditioned solve over this many times plain CG's reference iterations
 # triggers a new comparison.
 _STALE = 1.25
+# After k comparisons lost in a row, only every 2^k-th inverse refresh compares
+# (k at most this: every 8th, 80 steps with the default `kfac_inverse_every`).
+_MAX_BACKOFF = 3
 
 
 def _adaptive_kfac_cg(
@@ -559,7 +575,7 @@ def _adaptive_kfac_cg(
     state: ScaleByGaussNewtonState,
     tol: Any,
     inverse_every: Any,
-) -> tuple[CGResult, Bool[Array, ""], Int[Array, ""]]:
+) -> tuple[CGResult, Bool[Array, ""], Int[Array, ""], Int[Array, ""]]:
     """CG with the KFAC preconditioner only while it pays.
 
     A comparison step runs CG with the current choice, then with the other one
@@ -571,8 +587,11 @@ def _adaptive_kfac_cg(
     inverse, and on the step after a preconditioned solve that needed over
     `_STALE` times the reference (a stale inverse, or a changed problem). A
     comparison costs at most twice the current choice's solve (plain CG's at
-    the first step, where every run starts). Returns the result, the choice for
-    the next step and the reference (-1: compare next).
+    the first step, where every run starts). After `k` comparisons lost in a
+    row (`k <= _MAX_BACKOFF`), only every `2^k`-th refresh compares: a
+    preconditioner that never pays then costs one extra capped solve per
+    `2^k * inverse_every` steps. Returns the result, the choice for the next
+    step, the reference (-1: compare next) and the comparisons lost in a row.
     """
     tol = jnp.asarray(tol, jnp.float32)
 
@@ -599,15 +618,22 @@ def _adaptive_kfac_cg(
         plain = jax.tree.map(lambda o, f: jnp.where(use, o, f), other, first)
         reference = jnp.where(converged(plain), plain.num_steps, cap)
         best = eqx.tree_at(lambda r: r.num_steps, best, total)
-        return best, use ^ switch, reference.astype(jnp.int32)
+        kfac_next = use ^ switch
+        lost = jnp.where(
+            kfac_next, 0, jnp.minimum(state.comparisons_lost + 1, _MAX_BACKOFF)
+        )
+        return best, kfac_next, reference.astype(jnp.int32), lost.astype(jnp.int32)
 
     def keep(use):
         result = chosen(use)
         limit = _STALE * state.reference_iterations.astype(jnp.float32)
         stale = use & (result.num_steps > limit)
-        return result, use, jnp.where(stale, -1, state.reference_iterations)
+        reference = jnp.where(stale, -1, state.reference_iterations)
+        return result, use, reference, state.comparisons_lost
 
-    refresh = (state.count % jnp.maximum(jnp.asarray(inverse_every), 1)) == 0
+    every = jnp.maximum(jnp.asarray(inverse_every), 1)
+    backoff = jnp.left_shift(1, state.comparisons_lost)
+    refresh = (state.count % every == 0) & ((state.count // every) % backoff == 0)
     refresh |= state.reference_iterations < 0
     return jax.lax.cond(refresh, compare, keep, state.preconditioned)
 
@@ -788,9 +814,15 @@ def _control_step(
         constants = dict(lm_constants)
         if constants["min_damping"] is None:
             # CG and KFAC: 1e-8; exact solves: their factorization's rounding
-            # level, below which a smaller damping changes nothing.
+            # level, below which a smaller damping changes nothing. It bounds
+            # the solved damping, λ L(θ) under `relative_damping`: λ's floor is
+            # then the level over the loss.
+            floor = solved.damping_floor
+            if config.relative_damping:
+                loss = jnp.abs(op.loss).astype(floor.dtype)
+                floor = floor / jnp.maximum(loss, jnp.finfo(floor.dtype).tiny)
             exact = solver in EXACT_SOLVERS
-            constants["min_damping"] = solved.damping_floor if exact else 1e-8
+            constants["min_damping"] = floor if exact else 1e-8
         lm = levenberg_marquardt(
             damping,
             op.loss,
@@ -997,6 +1029,7 @@ def _next_state(
         grid_scale=f32(control.grid_scale),
         preconditioned=jnp.asarray(solved.preconditioned),
         reference_iterations=solved.reference_iterations,
+        comparisons_lost=solved.comparisons_lost,
         solution=solution,
         diagonal=diagonal,
         momentum=momentum,
@@ -1150,9 +1183,12 @@ def scale_by_gauss_newton(
         iterations (or reached a smaller residual) is kept; between refreshes, a
         preconditioned solve that needs over 1.25 times the iterations plain CG
         needed at the comparison (a stale inverse) makes the next step compare
-        again.
-        `state.preconditioned` records the choice, and `state.cg_iterations`
-        counts both runs on a refresh step.
+        again. After `k` comparisons lost in a row (at most 3), only every
+        `2^k`-th refresh compares, so a preconditioner that never pays costs one
+        extra capped solve per 80 steps at the defaults.
+        `state.preconditioned` records the choice, `state.comparisons_lost` the
+        losses in a row, and `state.cg_iterations` counts both runs on a
+        comparison step.
     - `kfac_decay`, `kfac_every`, `kfac_inverse_every`, `weight_sharing`,
         `kfac_max_dim`: KFAC's factors are a running average with this decay of
         [`eqx_ggn.kfac_factors`][] (with the step's `curvature`; `"fisher"`

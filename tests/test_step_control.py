@@ -182,3 +182,41 @@ def test_a_real_stall_warns_with_the_damping_history(x64):
     assert re.search(r"8 consecutive step\(s\) rejected", message), message
     assert "damping grew from 0.001" in message, message
     assert "Likely causes" not in message and "Measured causes" not in message
+
+
+def test_relative_damping_floor_is_the_rounding_level_over_the_loss(x64):
+    """The exact solvers' damping floor is their factorization's rounding level,
+    a bound on the damping they solve with. Under `relative_damping` that is
+    `λ L(θ)`, so `λ`'s floor is the level divided by the loss: from a damping far
+    below it, one accepted step leaves `λ L(θ_0)` at the plain run's floor."""
+    key_x, key_y = jax.random.split(jax.random.key(0))
+    batch = {
+        "input": jax.random.normal(key_x, (8, 3)),
+        "target": 10 * jax.random.normal(key_y, (8,)),  # L(θ_0) about 100
+    }
+    params = {"w": jnp.zeros(3)}
+
+    def linear(input, params):  # noqa: A002
+        return input @ params["w"]
+
+    def one_step(solver, relative):
+        opt = eqx_ggn.scale_by_gauss_newton(
+            "mse", solver=solver, damping=1e-30, relative_damping=relative
+        )
+        (loss, grads), op = eqx_ggn.value_and_grad(
+            linear, params, batch, "mse", return_operator=True
+        )
+        _, state = opt.update(
+            grads, opt.init(params), params, model_fn=linear, batch=batch, operator=op
+        )
+        return loss, state
+
+    for solver in ("dense", "sample_space"):
+        loss, plain = jax.jit(one_step, static_argnums=(0, 1))(solver, False)
+        _, relative = jax.jit(one_step, static_argnums=(0, 1))(solver, True)
+        assert bool(plain.accepted) and bool(relative.accepted)
+        assert float(loss) > 10
+        assert 1e-20 < float(plain.damping) < 1e-10  # the floor, not 1e-30 / 3
+        assert float(relative.damping) * float(loss) == pytest.approx(
+            float(plain.damping), rel=1e-6
+        )
