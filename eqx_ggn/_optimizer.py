@@ -1095,9 +1095,11 @@ def scale_by_gauss_newton(
     and one more product per step; every rejection changes the next trial, so no
     run repeats a rejected step. The exact solvers add the grid line search and
     let the damping fall to their rounding level (`line_search="auto"`,
-    `min_damping=None`): with every other keyword at its default they are the
-    recommended setting for full-batch least squares such as PINNs. Opt out with
-    `adaptive_damping=False` for a fixed damping.
+    `min_damping=None`): `solver="sample_space"` (or `"auto"`) with every other
+    keyword at its default is the recommended setting for full-batch least
+    squares with fewer residuals than parameters, such as PINNs (measured on
+    three PDEs in `docs/benchmarks.md`). Opt out with `adaptive_damping=False`
+    for a fixed damping.
 
     `update(updates, state, params, *, model_fn=None, model=None, batch=None,
     operator=None, **extra_args)`: `batch = {"input": X, "target": Y}`, and
