@@ -579,9 +579,11 @@ def _adaptive_kfac_cg(
     """CG with the KFAC preconditioner only while it pays.
 
     A comparison step runs CG with the current choice, then with the other one
-    capped at the first one's iterations: the better solve (converged to `tol`
-    in fewer iterations, or else the lower damped quadratic model `quadratic`,
-    the quantity truncated CG minimizes) is this step's, and its choice is kept.
+    capped at the first one's iterations: the better solve is this step's, and
+    its choice is kept. Better is converged to `tol` in fewer iterations, or
+    converged where the other is not, or, between two solves that both stopped
+    at the cap, the lower damped quadratic model `quadratic` (the quantity
+    truncated CG minimizes).
     Plain CG's iterations there are the reference (its cap, a lower bound, when
     it was capped and lost). Comparisons run on the steps that refresh the KFAC
     inverse, and on the step after a preconditioned solve that needed over
@@ -608,9 +610,12 @@ def _adaptive_kfac_cg(
             use, lambda: solve(None, cap), lambda: solve(preconditioner, cap)
         )
         q_other, q_first = quadratic(other.value), quadratic(first.value)
-        switch = jnp.where(
-            converged(other) & converged(first),
-            other.num_steps < first.num_steps,
+        # Converged beats not converged within the same cap; the quadratic
+        # decides only between two truncated solves (between two converged
+        # ones it differs by rounding).
+        switch = jnp.select(
+            [converged(other) & converged(first), converged(other) | converged(first)],
+            [other.num_steps < first.num_steps, converged(other)],
             q_other < q_first,
         )
         best = jax.tree.map(lambda o, f: jnp.where(switch, o, f), other, first)
@@ -1181,8 +1186,9 @@ def scale_by_gauss_newton(
         (the damped KFAC inverse; needs `model=`). The KFAC preconditioner is used
         only while it pays: on each step that refreshes its inverse (every
         `kfac_inverse_every` steps), CG also runs with the other choice, capped
-        at the first one's iterations, and the choice that converged in fewer
-        iterations (or reached a smaller residual) is kept; between refreshes, a
+        at the first one's iterations, and the better choice is kept: converged
+        in fewer iterations, or converged where the other did not, or, when both
+        stopped at the cap, the lower damped quadratic model; between refreshes, a
         preconditioned solve that needs over 1.25 times the iterations plain CG
         needed at the comparison (a stale inverse) makes the next step compare
         again. After `k` comparisons lost in a row (at most 3), only every

@@ -620,3 +620,54 @@ def test_kfac_preconditioner_is_used_only_while_it_pays(x64):
     assert all(used), used
     assert lost == [0] * 4, lost
     assert kfac[1:].sum() < plain[1:].sum(), (kfac, plain)
+
+
+def test_kfac_comparison_prefers_the_converged_solve(x64):
+    """A comparison on a dense 4x4 system, plain CG first: the quadratic handed
+    in is rigged to prefer the preconditioned iterate. When plain CG converges
+    and the preconditioned run, capped at plain's iterations, does not, plain
+    wins anyway; when both stop at the cap, the quadratic decides."""
+    from types import SimpleNamespace
+
+    from eqx_ggn._optimizer import _adaptive_kfac_cg
+
+    key_b, key_v = jax.random.split(jax.random.key(0))
+    v = jax.random.normal(key_v, (4, 4))
+    a = jnp.eye(4) + 1e-3 * v @ v.T  # plain CG: one iteration to ~1e-3
+    b = jax.random.normal(key_b, (4,))
+    scales = jnp.array([1.0, 10.0, 100.0, 1000.0])  # a poor preconditioner
+
+    def precondition(r):
+        return scales * r
+
+    state = SimpleNamespace(
+        count=jnp.asarray(0, jnp.int32),
+        preconditioned=jnp.asarray(False),
+        reference_iterations=jnp.asarray(2**31 - 1, jnp.int32),
+        comparisons_lost=jnp.asarray(0, jnp.int32),
+    )
+    for tol, maxiter, expect_switch in ((1e-2, 4, False), (1e-12, 2, True)):
+
+        def solve(m, cap=maxiter, tol=tol):
+            return eqx_ggn.cg(
+                lambda x: a @ x, b, tol=tol, maxiter=cap, preconditioner=m
+            )
+
+        plain = solve(None)
+        capped = solve(precondition, plain.num_steps)
+        assert (plain.residual_norm <= tol) != expect_switch
+        assert capped.residual_norm > tol
+        towards = capped.value - plain.value  # q(capped) < q(plain)
+
+        def quadratic(d, towards=towards):
+            return -(d @ towards)
+
+        result, use, reference, lost = _adaptive_kfac_cg(
+            solve, quadratic, precondition, state, tol, 10
+        )
+        winner = capped if expect_switch else plain
+        np.testing.assert_allclose(result.value, winner.value, rtol=1e-12)
+        assert int(result.num_steps) == 2 * int(plain.num_steps)
+        assert bool(use) == expect_switch
+        assert int(lost) == (0 if expect_switch else 1)
+        assert int(reference) == int(plain.num_steps)
