@@ -242,6 +242,21 @@ def optimizers(workload):
             ),
         ),
         (
+            "KFAC Fisher, KL-clipped (warmup-cosine lr, momentum 0.9)",
+            "lr",
+            (0.1, 0.3, 1.0),
+            lambda v, s: gn(
+                workload,
+                learning_rate=warmup_cosine(v, s),
+                curvature="fisher",
+                damping=1e-3,
+                kl_clip=1e-2,
+                momentum=0.9,
+                kfac_every=5,
+                **fixed,
+            ),
+        ),
+        (
             "KFAC GGN, LM (defaults)",
             "kfac_every",
             (1, 5, 20),
@@ -416,7 +431,7 @@ def report(workload, results, target):
             continue
         rate = np.mean([s["steps_per_s"] for s in r["seeds"]])
         times = [time_to(s["curve"], target) for s in r["seeds"]]
-        ratio = [t / a for t, a in zip(times, adam_times, strict=True)]
+        ratio = [ratio_text(t, a) for t, a in zip(times, adam_times, strict=True)]
         grid = ", ".join(f"{v:g}: {f:.3g}" for v, f in r["grid"])
         finals = ", ".join(f"{s['final']:.4g}" for s in r["seeds"])
         fmt = lambda t: "never" if math.isinf(t) else f"{t:.1f}"
@@ -424,8 +439,17 @@ def report(workload, results, target):
             f"| {label} | {r['name']}={r['best']:g} | {grid} | {rate:.1f} | "
             f"{adam_rate / rate:.2f}x | {r['seeds'][0]['memory'] / 1e6:.0f} | "
             f"{finals} | {', '.join(fmt(t) for t in times)} | "
-            f"{', '.join('never' if math.isinf(x) else f'{x:.2f}x' for x in ratio)} |"
+            f"{', '.join(ratio)} |"
         )
+
+
+def ratio_text(time, adam_time):
+    """A time to target over AdamW's on the same seed."""
+    if math.isinf(time):
+        return "never"
+    if math.isinf(adam_time):
+        return "(AdamW never)"
+    return f"{time / adam_time:.2f}x"
 
 
 def mean_time(function, *args, repeats=10):

@@ -504,9 +504,11 @@ def _solve(
     preconditioner: Callable | None,
     options: _CGOptions,
     inverse_every: Any,
+    kl_clip: Any = None,
 ) -> _Solve:
-    """`(C + λ I)^{-1} rhs` by the named solver (CG warm-started when asked), and
-    for KFAC the step rescaled by the quadratic model."""
+    """`(C + λ I)^{-1} rhs` by the named solver (CG warm-started when asked), for
+    KFAC the step rescaled by the quadratic model, and with `kl_clip` shortened
+    to `dᵀ(C + λ I)d <= kl_clip` (see `_clip_step`)."""
     x0 = None
     if config.warm_start:
         x0 = jax.tree.map(lambda s: options.warm_start_decay * s, state.solution)
@@ -541,7 +543,9 @@ def _solve(
             options.tol,
             inverse_every,
         )
-        return _Solve(result, None, use, reference, lost, zero)
+        return _clip_step(
+            _Solve(result, None, use, reference, lost, zero), rhs, kl_clip
+        )
     used = jnp.asarray(preconditioner is not None and config.uses_kfac)
     result, floor, curvature_direction = solve(preconditioner)
     if solver == "kfac" and config.kfac_rescale:
@@ -550,7 +554,7 @@ def _solve(
             op, rhs, result.value, previous, damping
         )
     floor = jnp.asarray(floor, jnp.float32)
-    return _Solve(
+    solved = _Solve(
         result,
         curvature_direction,
         used,
@@ -558,6 +562,29 @@ def _solve(
         state.comparisons_lost,
         floor,
     )
+    return _clip_step(solved, rhs, kl_clip)
+
+
+def _clip_step(solved: _Solve, rhs: PyTree, kl_clip: Any) -> _Solve:
+    """The step `d` scaled by `min(1, sqrt(kl_clip / gᵀd))`, and `C d` with it.
+
+    For `d = (C + λ I)^{-1} g` (and for CG's iterates from zero) `gᵀd = dᵀ(C + λ
+    I)d`, so the clipped step has `dᵀ(C + λ I)d <= kl_clip`: a trust region in
+    the damped curvature's norm, the KL clipping of Ba, Grosse and Martens (2017)
+    under the Fisher, without the learning rate (applied after this
+    transformation). `kl_clip=None`: the step as it is."""
+    if kl_clip is None:
+        return solved
+    value = solved.result.value
+    size = tree_dot(rhs, value)
+    limit = jnp.asarray(kl_clip, size.dtype)
+    scale = jnp.where(size > limit, jnp.sqrt(limit / jnp.where(size > 0, size, 1)), 1)
+    shrink = lambda tree: jax.tree.map(lambda x: (scale * x).astype(x.dtype), tree)
+    result = eqx.tree_at(lambda r: r.value, solved.result, shrink(value))
+    curvature_direction = solved.curvature_direction
+    if curvature_direction is not None:
+        curvature_direction = shrink(curvature_direction)
+    return solved._replace(result=result, curvature_direction=curvature_direction)
 
 
 # A preconditioned solve over this many times plain CG's reference iterations
@@ -1071,6 +1098,7 @@ def scale_by_gauss_newton(
     kfac_inverse_every: int = 10,
     kfac_max_dim: int | None = None,
     kfac_rescale: bool = True,
+    kl_clip: float | None = None,
     weight_sharing: str = "expand",
     momentum: float | None = None,
     adaptive_momentum: bool = False,
@@ -1214,6 +1242,13 @@ def scale_by_gauss_newton(
         with `adaptive_damping=False` this is the cheapest step (no curvature
         product, no trial loss) but needs a tuned learning rate and damping; in
         `docs/benchmarks.md` ("Time to target") it loses to the default.
+    - `kl_clip`: a trust region for every solver: the solution `d` (before the
+        learning rate) is scaled by `min(1, sqrt(kl_clip / gᵀd))`, so that
+        `dᵀ(C + λ I)d <= kl_clip`. Under `curvature="fisher"` with the mean loss,
+        `gᵀd / 2` is the KL divergence a full step moves the model's predictions
+        by (Ba, Grosse and Martens 2017; kfac-pytorch's `kl_clip` also counts the
+        learning rate). It bounds the step where a fixed damping alone would not
+        (`kfac_rescale=False, adaptive_damping=False`); `None` (default): off.
     - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`;
         `None` (default) keeps no buffer.
     - `adaptive_momentum`: with `solver="kfac"`, add the previous step with the
@@ -1334,6 +1369,7 @@ def scale_by_gauss_newton(
         damping_decrease=(damping_decrease, 0, 1),
         damping_increase=(damping_increase, 1, float("inf")),
         warn_after=(warn_after, 1, float("inf")),
+        kl_clip=(kl_clip, 0, float("inf")),
     )
     cg_options = _CGOptions(cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay)
     preconditioner_options = _PreconditionerOptions(
@@ -1385,6 +1421,7 @@ def scale_by_gauss_newton(
             precond,
             cg_options,
             kfac_inverse_every,
+            kl_clip,
         )
         direction, finite = _checked_direction(
             config, solved, updates, op, solve_lam, state_finite, batch

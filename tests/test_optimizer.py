@@ -306,3 +306,37 @@ def test_warm_start_and_momentum():
     m2, state = heavy.update(grads, state, params, model_fn=model_fn, batch=batch)
     flat = lambda t: jax.flatten_util.ravel_pytree(t)[0]
     assert_rel_close(flat(m2), 1.9 * flat(m1), tol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_kl_clip_scales_the_step_into_the_trust_region(solver):
+    """Linear least squares, damping 0.5: with `kl_clip` at a tenth of the damped
+    solve's `gᵀd` the step is `sqrt(0.1) d` (and `dᵀ(C + λI)d = kl_clip`), at ten
+    times it the step is `d`. The objective is quadratic, so the reduction ratio
+    of the clipped step is 1: the quadratic model is the clipped step's."""
+    model_fn, params, batch = linear_problem()
+    op = eqx_ggn.curvature_operator(model_fn, params, batch, "mse")
+    damping = 0.5
+    direction = _dense_step(model_fn, params, batch, "mse", "ggn", damping, op.grad)
+    flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+    size = float(flat(op.grad) @ flat(direction))
+    damped = op.as_matrix() + damping * jnp.eye(flat(direction).size)
+    for kl_clip, scale in ((0.1 * size, 0.1**0.5), (10 * size, 1.0)):
+        opt = eqx_ggn.scale_by_gauss_newton(
+            "mse",
+            solver=solver,
+            damping=damping,
+            kl_clip=kl_clip,
+            line_search=None,
+            cg_maxiter=200,
+            cg_tol=1e-13,
+            cg_progress_tol=0.0,
+        )
+        updates, state = jax.jit(
+            lambda g, s, p, opt=opt: opt.update(g, s, p, model_fn=model_fn, batch=batch)
+        )(op.grad, opt.init(params), params)
+        assert bool(state.accepted)
+        assert_rel_close(flat(updates), scale * flat(direction), tol=1e-9)
+        if scale < 1:
+            assert_rel_close(flat(updates) @ damped @ flat(updates), kl_clip, tol=1e-9)
+        assert abs(float(state.reduction_ratio) - 1) < 1e-9
