@@ -313,7 +313,7 @@ class NeuralODE(eqx.Module):
 
 def test_diffrax_default_adjoint_step_and_training(x64):
     """A neural ODE with diffrax's default adjoint (a custom VJP) takes the step
-    `DirectAdjoint` (both modes) takes, and trains: loss below 0.1x in 20 steps."""
+    `DirectAdjoint` (both modes) takes, and trains: loss below 0.01x in 5 steps."""
     mlp = to_f64(eqx.nn.MLP(2, 2, 8, 1, activation=jnp.tanh, key=jax.random.key(0)))
     default = NeuralODE(VectorField(mlp), diffrax.RecursiveCheckpointAdjoint())
     direct = NeuralODE(VectorField(mlp), diffrax.DirectAdjoint())
@@ -354,7 +354,7 @@ def test_diffrax_default_adjoint_step_and_training(x64):
 
     model, state = default, opt.init(params)
     losses = []
-    for _ in range(21):
+    for _ in range(6):
         model, state, loss, _ = step(model, state)
         losses.append(float(loss))
-    assert losses[-1] < 0.1 * losses[0], losses
+    assert losses[-1] < 0.01 * losses[0], losses
