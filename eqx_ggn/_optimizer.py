@@ -637,9 +637,9 @@ def _adaptive_kfac_cg(
             use, lambda: solve(None, cap), lambda: solve(preconditioner, cap)
         )
         q_other, q_first = quadratic(other.value), quadratic(first.value)
-        # Converged beats not converged within the same cap; the quadratic
-        # decides only between two truncated solves (between two converged
-        # ones it differs by rounding).
+        # Fewer iterations between two converged solves; converged beats not
+        # converged within the same cap; the quadratic decides only between two
+        # solves that both stopped at the cap.
         switch = jnp.select(
             [converged(other) & converged(first), converged(other) | converged(first)],
             [other.num_steps < first.num_steps, converged(other)],
@@ -1245,10 +1245,12 @@ def scale_by_gauss_newton(
     - `kl_clip`: a trust region for every solver: the solution `d` (before the
         learning rate) is scaled by `min(1, sqrt(kl_clip / gᵀd))`, so that
         `dᵀ(C + λ I)d <= kl_clip`. Under `curvature="fisher"` with the mean loss,
-        `gᵀd / 2` is the KL divergence a full step moves the model's predictions
-        by (Ba, Grosse and Martens 2017; kfac-pytorch's `kl_clip` also counts the
-        learning rate). It bounds the step where a fixed damping alone would not
-        (`kfac_rescale=False, adaptive_damping=False`); `None` (default): off.
+        `dᵀC d / 2 <= gᵀd / 2` is the second-order KL divergence a full step moves
+        the model's predictions by (Ba, Grosse and Martens 2017; kfac-pytorch's
+        `kl_clip` also counts the learning rate). With `warm_start`, CG's `gᵀd`
+        only approximates `dᵀ(C + λ I)d`. It bounds the step where a fixed
+        damping alone would not (`kfac_rescale=False, adaptive_damping=False`);
+        `None` (default): off.
     - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`;
         `None` (default) keeps no buffer.
     - `adaptive_momentum`: with `solver="kfac"`, add the previous step with the
