@@ -100,8 +100,8 @@ class CurvatureMonitor(eqx.Module):
             return monitor(i, eqx.filter(model, eqx.is_inexact_array), model=model,
                            batch=batch)
 
-        for i in range(4):
-            metrics = step(model, i)
+        for i in range(4):  # an array step: an int would compile once per value
+            metrics = step(model, jnp.asarray(i))
         jax.effects_barrier()
         assert [s for s, _ in log] == [0, 2]
         ```

@@ -136,6 +136,13 @@ def dense_curvatures(model_fn, params, data, loss_fn, factor, reverse=False):
 
 
 @eqx.filter_jit
+def operator_matrix(op):
+    """`op.as_matrix()` as one compiled program (run eagerly, each of its
+    operations compiles on its own)."""
+    return op.as_matrix()
+
+
+@eqx.filter_jit
 def as_dense(mv, params):
     """The matrix of a pytree -> pytree linear map, column by column."""
     flat, unravel = ravel_pytree(params)

@@ -6,6 +6,7 @@ replicated, plain `jit`), and written per device inside `jax.shard_map` with
 `axis_name`, and prints the relative errors against one device as JSON.
 """
 
+import functools
 import json
 import sys
 
@@ -177,6 +178,7 @@ def main():
     def jitted(name, fn):
         return jax.jit(fn)
 
+    @functools.cache  # the NaN check below reruns the compiled per-device step
     def shard_mapped(name, fn, check_vma=True):
         in_specs, out_specs = SPECS[name]
         return jax.jit(

@@ -1,6 +1,7 @@
 """KFAC: factors against dense float64 references, the damped inverse, the
 optimizer's `solver="kfac"` / `preconditioner="kfac"`, and the state."""
 
+import functools
 import io
 
 import equinox as eqx
@@ -492,11 +493,13 @@ def test_frozen_stateful_and_bfloat16_models_in_the_optimizer():
     def step(model, state):
         return _step(opt, model, batch, state, spec=spec)
 
-    def loss(model):
+    @eqx.filter_jit
+    def mean_squared_error(model):
         pred = jax.vmap(model)(batch["input"])
-        return float(
-            jnp.mean(jnp.sum((pred.astype(jnp.float32) - batch["target"]) ** 2, 1))
-        )
+        return jnp.mean(jnp.sum((pred.astype(jnp.float32) - batch["target"]) ** 2, 1))
+
+    def loss(model):
+        return float(mean_squared_error(model))
 
     for dtype in [jnp.float32, jnp.bfloat16]:
         m = jax.tree.map(
@@ -646,25 +649,28 @@ def test_kfac_comparison_prefers_the_converged_solve(x64):
         reference_iterations=jnp.asarray(2**31 - 1, jnp.int32),
         comparisons_lost=jnp.asarray(0, jnp.int32),
     )
-    for tol, maxiter, expect_switch in ((1e-2, 4, False), (1e-12, 2, True)):
 
-        def solve(m, cap=maxiter, tol=tol):
+    @functools.partial(jax.jit, static_argnums=(0, 1))  # one program per case
+    def compare(tol, maxiter):
+        def solve(m, cap=maxiter):
             return eqx_ggn.cg(
                 lambda x: a @ x, b, tol=tol, maxiter=cap, preconditioner=m
             )
 
         plain = solve(None)
         capped = solve(precondition, plain.num_steps)
-        assert (plain.residual_norm <= tol) != expect_switch
-        assert capped.residual_norm > tol
         towards = capped.value - plain.value  # q(capped) < q(plain)
 
-        def quadratic(d, towards=towards):
+        def quadratic(d):
             return -(d @ towards)
 
-        result, use, reference, lost = _adaptive_kfac_cg(
-            solve, quadratic, precondition, state, tol, 10
-        )
+        out = _adaptive_kfac_cg(solve, quadratic, precondition, state, tol, 10)
+        return plain, capped, out
+
+    for tol, maxiter, expect_switch in ((1e-2, 4, False), (1e-12, 2, True)):
+        plain, capped, (result, use, reference, lost) = compare(tol, maxiter)
+        assert (plain.residual_norm <= tol) != expect_switch
+        assert capped.residual_norm > tol
         winner = capped if expect_switch else plain
         np.testing.assert_allclose(result.value, winner.value, rtol=1e-12)
         assert int(result.num_steps) == 2 * int(plain.num_steps)

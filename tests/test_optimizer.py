@@ -236,6 +236,7 @@ def test_mlp_sin_fit_against_optimistix_levenberg_marquardt(budget):
     assert our_loss <= their_loss, (our_loss, their_loss)
 
 
+@eqx.filter_jit  # one program, not one per operation
 def _dense_step(model_fn, params, batch, loss_fn, curvature, damping, grads):
     op = eqx_ggn.curvature_operator(
         model_fn, params, batch, loss_fn, curvature=curvature

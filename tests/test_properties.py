@@ -21,8 +21,17 @@ SETTINGS = settings(
 
 
 @eqx.filter_jit
-def _two_products(mlp, data, loss_fn, keys):
-    """Random `u`, `v` and `G u`, `G v`: one compiled program per example."""
+def _two_products(width, depth, batch, outputs, loss_fn, seed):
+    """A random MLP, batch, `u` and `v`, and `G u`, `G v`: one compiled program per
+    example (built inside it, so no eager op compiles per shape)."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    if loss_fn == "cross_entropy":
+        outputs = max(outputs, 2)  # logits need at least two classes
+        target = jax.random.randint(keys[2], (batch,), 0, outputs)
+    else:
+        target = jax.random.uniform(keys[2], (batch, outputs))
+    mlp = to_f64(eqx.nn.MLP(3, outputs, width, depth, activation=jnp.tanh, key=keys[0]))
+    data = {"input": 2 * jax.random.normal(keys[1], (batch, 3)), "target": target}
     op = eqx_ggn.curvature_operator(model=mlp, data=data, loss_fn=loss_fn)
     flat, unravel = ravel_pytree(op.grad)
     u = jax.random.normal(keys[3], flat.shape)
@@ -43,18 +52,9 @@ def _two_products(mlp, data, loss_fn, keys):
 def test_ggn_is_symmetric_positive_semidefinite(
     width, depth, batch, outputs, loss_fn, seed
 ):
-    keys = jax.random.split(jax.random.key(seed), 5)
-    mlp = to_f64(eqx.nn.MLP(3, outputs, width, depth, activation=jnp.tanh, key=keys[0]))
-    x = 2 * jax.random.normal(keys[1], (batch, 3))
-    if loss_fn == "cross_entropy":
-        outputs = max(outputs, 2)  # logits need at least two classes
-        mlp = to_f64(
-            eqx.nn.MLP(3, outputs, width, depth, activation=jnp.tanh, key=keys[0])
-        )
-        target = jax.random.randint(keys[2], (batch,), 0, outputs)
-    else:
-        target = jax.random.uniform(keys[2], (batch, outputs))
-    u, v, gu, gv = _two_products(mlp, {"input": x, "target": target}, loss_fn, keys)
+    u, v, gu, gv = map(
+        np.asarray, _two_products(width, depth, batch, outputs, loss_fn, seed)
+    )
     scale = np.linalg.norm(gu) * np.linalg.norm(v) + 1e-300
     assert abs(float(v @ gu - u @ gv)) <= 1e-12 * scale
     for w, gw in ((u, gu), (v, gv)):
@@ -76,12 +76,13 @@ def _cg(a, b, maxiter):
     seed=st.integers(0, 2**16),
 )
 def test_cg_solves_spd_systems_within_n_steps(n, log_cond, seed):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    q, _ = jnp.linalg.qr(jax.random.normal(k1, (n, n)))
-    a = (q * jnp.logspace(0, log_cond, n)) @ q.T
-    b = jax.random.normal(k2, (n,))
+    # The system in NumPy: one compiled program per n (CG's), no eager op compiles.
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = (q * np.logspace(0, log_cond, n)) @ q.T
+    b = rng.standard_normal(n)
     result = _cg(a, b, n)
     assert int(result.stop_reason) == int(eqx_ggn.CGStop.CONVERGED), result
     assert int(result.num_steps) <= n
-    residual = jnp.linalg.norm(a @ result.value - b) / jnp.linalg.norm(b)
+    residual = np.linalg.norm(a @ np.asarray(result.value) - b) / np.linalg.norm(b)
     assert residual <= 1e-9

@@ -171,28 +171,27 @@ def _overshooting_problem():
 @pytest.mark.parametrize("rule", ["line_search", "levenberg_marquardt"])
 def test_step_control_when_the_full_step_raises_the_loss(rule):
     model_fn, params, batch = _overshooting_problem()
-    loss, grads = eqx_ggn.value_and_grad(model_fn, params, batch, "mse")
-    full = {
-        "t": params["t"]
-        - jnp.linalg.solve(
-            eqx_ggn.curvature_operator(model_fn, params, batch, "mse").as_matrix(),
-            grads["t"],
-        )
-    }
-    assert eqx_ggn.value_and_grad(model_fn, full, batch, "mse")[0] > loss
     kwargs = {"line_search": "grid", "adaptive_damping": False}
     if rule == "levenberg_marquardt":  # the rule alone, without the grid
         kwargs = {"adaptive_damping": True, "line_search": None}
     opt = eqx_ggn.gauss_newton(
         1.0, loss_fn="mse", solver="dense", damping=0.0, **kwargs
     )
-    updates, state = opt.update(
-        grads, opt.init(params), params, model_fn=model_fn, batch=batch
-    )
-    new_loss = eqx_ggn.value_and_grad(
-        model_fn, optax.apply_updates(params, updates), batch, "mse"
-    )[0]
-    inner = state[0]
+
+    @jax.jit  # one program, not one per operation
+    def losses_and_step(params):
+        loss, grads = eqx_ggn.value_and_grad(model_fn, params, batch, "mse")
+        matrix = eqx_ggn.curvature_operator(model_fn, params, batch, "mse").as_matrix()
+        full = {"t": params["t"] - jnp.linalg.solve(matrix, grads["t"])}
+        updates, state = opt.update(
+            grads, opt.init(params), params, model_fn=model_fn, batch=batch
+        )
+        new = optax.apply_updates(params, updates)
+        value = lambda p: eqx_ggn.value_and_grad(model_fn, p, batch, "mse")[0]
+        return loss, value(full), value(new), state[0]
+
+    loss, full_loss, new_loss, inner = losses_and_step(params)
+    assert full_loss > loss
     if rule == "line_search":  # a shorter step along the same direction
         assert bool(inner.accepted) and float(inner.step_size) < 1
         assert new_loss < loss
@@ -249,25 +248,22 @@ def test_frozen_part_and_low_precision_params():
 
 def test_auto_picks_the_cheaper_exact_solver_that_fits():
     model_fn, params, batch = linear_problem()  # N*O = 120 rows, P = 18
-    _, grads = eqx_ggn.value_and_grad(model_fn, params, batch, "mse")
+    small = jax.tree.map(lambda x: x[:3], batch)  # N*O = 9 < P = 18
 
-    def chosen(**kwargs):
+    @eqx.filter_jit  # one program per call, not one per operation
+    def chosen(batch, **kwargs):
+        _, grads = eqx_ggn.value_and_grad(model_fn, params, batch, "mse")
         opt = eqx_ggn.scale_by_gauss_newton(
             "mse", solver="auto", adaptive_damping=False, **kwargs
         )
         _, state = opt.update(
             grads, opt.init(params), params, model_fn=model_fn, batch=batch
         )
-        return int(state.solver)
+        return state.solver
 
-    assert chosen() == 1  # P << N*O: dense
-    assert chosen(max_matrix_bytes=100) == 0  # nothing fits: CG
-    small = jax.tree.map(lambda x: x[:3], batch)  # N*O = 9 < P = 18
-    opt = eqx_ggn.scale_by_gauss_newton("mse", solver="auto", adaptive_damping=False)
-    _, state = opt.update(
-        grads, opt.init(params), params, model_fn=model_fn, batch=small
-    )
-    assert int(state.solver) == 2
+    assert int(chosen(batch)) == 1  # P << N*O: dense
+    assert int(chosen(batch, max_matrix_bytes=100)) == 0  # nothing fits: CG
+    assert int(chosen(small)) == 2  # sample space
 
 
 def test_solver_errors():
