@@ -8,9 +8,13 @@ import jax.numpy as jnp
 import optax
 import optimistix as optx
 import pytest
-from helpers import assert_rel_close, linear_problem, to_f64
+from helpers import assert_rel_close, linear_problem, operator_matrix, to_f64
 
 import eqx_ggn
+
+
+# CG run to convergence, for steps compared with a dense solve.
+CG_TO_CONVERGENCE = {"cg_maxiter": 200, "cg_tol": 1e-13, "cg_progress_tol": 0.0}
 
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -261,9 +265,7 @@ def test_step_is_the_damped_solve(curvature, preconditioner):
         curvature=curvature,
         damping=damping,
         preconditioner=preconditioner,
-        cg_maxiter=200,
-        cg_tol=1e-13,
-        cg_progress_tol=0.0,
+        **CG_TO_CONVERGENCE,
     )
     state = opt.init(params)
     update = jax.jit(
@@ -321,7 +323,7 @@ def test_kl_clip_scales_the_step_into_the_trust_region(solver):
     direction = _dense_step(model_fn, params, batch, "mse", "ggn", damping, op.grad)
     flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
     size = float(flat(op.grad) @ flat(direction))
-    damped = op.as_matrix() + damping * jnp.eye(flat(direction).size)
+    damped = operator_matrix(op) + damping * jnp.eye(flat(direction).size)
     for kl_clip, scale in ((0.1 * size, 0.1**0.5), (10 * size, 1.0)):
         opt = eqx_ggn.scale_by_gauss_newton(
             "mse",
@@ -329,9 +331,7 @@ def test_kl_clip_scales_the_step_into_the_trust_region(solver):
             damping=damping,
             kl_clip=kl_clip,
             line_search=None,
-            cg_maxiter=200,
-            cg_tol=1e-13,
-            cg_progress_tol=0.0,
+            **CG_TO_CONVERGENCE,
         )
         updates, state = jax.jit(
             lambda g, s, p, opt=opt: opt.update(g, s, p, model_fn=model_fn, batch=batch)
