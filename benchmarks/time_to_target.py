@@ -209,6 +209,17 @@ def optimizers(workload):
             lambda v, s: gn(workload, kfac_every=v, **fisher),
         ),
         (
+            "KFAC Fisher, LM + cosine lr",
+            "kfac_every",
+            (1, 5, 20),
+            lambda v, s: gn(
+                workload,
+                learning_rate=optax.cosine_decay_schedule(1.0, max(s, 2)),
+                kfac_every=v,
+                **fisher,
+            ),
+        ),
+        (
             "KFAC Fisher, LM + adaptive momentum",
             "kfac_every",
             (1, 5, 20),

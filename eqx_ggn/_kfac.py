@@ -875,9 +875,15 @@ def update_kfac_state(
     inverse_every: int | Array,
 ) -> KFACState:
     """Every `every` steps, fold one batch's factors (`statistics()`, run only
-    then) into the running average (the first batch replaces the zeros); every
-    `inverse_every` steps, refresh the eigendecompositions."""
-    decay = jnp.where(count == 0, 0.0, jnp.asarray(decay, jnp.float32))
+    then) into the running average; every `inverse_every` steps, refresh the
+    eigendecompositions.
+
+    The `k`-th fold averages with weight `1 - min(decay, 1 - 1/k)` (Martens and
+    Grosse 2015): the first batch replaces the zeros, the first `1 / (1 -
+    decay)` folds are averaged uniformly, and only then does the exponential
+    decay take over, so no early batch outweighs the later ones."""
+    folds = count // jnp.maximum(jnp.asarray(every), 1) + 1  # this fold's number
+    decay = jnp.minimum(jnp.asarray(decay, jnp.float32), 1 - 1 / folds)
 
     def fold(factors):
         return jax.tree.map(

@@ -20,6 +20,7 @@ from ._checks import check_data, check_like, check_params
 from ._jacobian import Jac, Jacobian, check_jac, linearize
 from ._losses import LossFn, check_target, resolve_loss
 from ._partition import as_model_fn, partition
+from ._tree import tree_dot
 
 
 Curvature = Literal["ggn", "fisher", "empirical_fisher", "hessian"]
@@ -255,16 +256,7 @@ class CurvatureOperator(eqx.Module):
         def accumulate(total, xs):
             jacobian, (pred, target, loss_grads, inputs) = xs
             if jacobian is None:  # relinearize: one more forward pass per chunk
-                jacobian = _linearize(
-                    self.model_fn,
-                    self.params,
-                    {"input": inputs, "target": target},
-                    self.loss_fn,
-                    self.curvature,
-                    self.factor,
-                    self.vmap_over_data,
-                    self.jac,
-                ).jacobian
+                jacobian = self._relinearized(inputs, target)
             part = self._product(jacobian, pred, target, loss_grads, vector)
             return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, part), None
 
@@ -277,6 +269,113 @@ class CurvatureOperator(eqx.Module):
         total = sum_over_shards(total, self.axis_name)
         return jax.tree.map(lambda t, v: t.astype(v.dtype), total, vector)
 
+    def quadratic_form(self, vectors: list[PyTree]) -> Float[Array, "k k"]:
+        """The matrix `[v_iᵀ C v_j]` of a few vectors, from `J v_i` alone.
+
+        One JVP per vector and no transposed pass: a quadratic model `gᵀs + sᵀCs/2`
+        costs about half a product this way (for `curvature="hessian"`, `H v_j`
+        is the JVP of the gradient, and the form is `v_iᵀ (H v_j)`).
+
+        **Arguments:**
+
+        - `vectors`: a list of pytrees like `params`.
+
+        **Returns:**
+
+        A symmetric `(k, k)` array, `k = len(vectors)`, in at least float32.
+
+        !!! example
+
+            ```python
+            import equinox as eqx
+            import jax, jax.numpy as jnp
+            import eqx_ggn
+
+            mlp = eqx.nn.MLP(2, 1, 8, 1, key=jax.random.key(0))
+            x = jnp.linspace(-1, 1, 32).reshape(16, 2)
+            data = {"input": x, "target": x[:, :1]}
+            op = eqx_ggn.curvature_operator(model=mlp, data=data, loss_fn="mse")
+            form = op.quadratic_form([op.grad])  # (1, 1): gᵀ C g
+            flat = jax.flatten_util.ravel_pytree(op.grad)[0]
+            expected = flat @ op.as_matrix() @ flat
+            assert jnp.allclose(form[0, 0], expected, rtol=1e-4)
+            ```
+        """
+        template = self._params_template()
+        for vector in vectors:
+            check_like("vectors", vector, template, "params")
+        vectors = [
+            vary_over_shards(
+                jax.tree.map(lambda v, t: jnp.asarray(v, t.dtype), vector, template),
+                self.axis_name,
+            )
+            for vector in vectors
+        ]
+        if self.num_microbatches == 1 and not self.relinearize:
+            form = self._form(
+                self.jacobian, self.predictions, self.target, self.loss_grads, vectors
+            )
+            return sum_over_shards(form, self.axis_name)
+
+        def accumulate(total, xs):
+            jacobian, (pred, target, loss_grads, inputs) = xs
+            if jacobian is None:
+                jacobian = self._relinearized(inputs, target)
+            return total + self._form(jacobian, pred, target, loss_grads, vectors), None
+
+        chunks = to_microbatches(
+            (self.predictions, self.target, self.loss_grads, self.inputs),
+            self.num_microbatches,
+        )
+        dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(vectors))
+        zeros = vary_over_shards(jnp.zeros((len(vectors),) * 2, dtype), self.axis_name)
+        total, _ = jax.lax.scan(accumulate, zeros, (self.jacobian, chunks))
+        return sum_over_shards(total, self.axis_name)
+
+    def _relinearized(self, inputs: PyTree, target: PyTree) -> Jacobian:
+        """One micro-batch's Jacobian, linearized again (`relinearize=True`)."""
+        return _linearize(
+            self.model_fn,
+            self.params,
+            {"input": inputs, "target": target},
+            self.loss_fn,
+            self.curvature,
+            self.factor,
+            self.vmap_over_data,
+            self.jac,
+        ).jacobian
+
+    def _output_hessian(
+        self, jv: PyTree, pred: PyTree, target: PyTree, loss_grads: PyTree | None
+    ) -> PyTree:
+        """The loss Hessian (or the empirical Fisher) in output space times `J v`,
+        with the objective's factor."""
+        if self.curvature == "empirical_fisher":
+            hjv = _per_sample_outer(loss_grads, jv)
+        elif self.vmap_over_data:
+            hjv = jax.vmap(lambda j, p, t: self.loss_hessian_mv(j, pred=p, target=t))(
+                jv, pred, target
+            )
+        else:
+            hjv = self.loss_hessian_mv(jv, pred=pred, target=target)
+        return _scale(hjv, self.factor)
+
+    def _form(
+        self,
+        jacobian: Jacobian,
+        pred: PyTree,
+        target: PyTree,
+        loss_grads: PyTree | None,
+        vectors: list[PyTree],
+    ) -> Float[Array, "k k"]:
+        if self.curvature == "hessian":
+            left, right = vectors, [jacobian.jvp(v) for v in vectors]
+        else:
+            left = [jacobian.jvp(v) for v in vectors]
+            right = [self._output_hessian(j, pred, target, loss_grads) for j in left]
+        form = jnp.stack([jnp.stack([tree_dot(u, w) for w in right]) for u in left])
+        return (form + form.T) / 2
+
     def _product(
         self,
         jacobian: Jacobian,
@@ -287,16 +386,8 @@ class CurvatureOperator(eqx.Module):
     ) -> PyTree:
         if self.curvature == "hessian":
             return jacobian.jvp(vector)
-        jv = jacobian.jvp(vector)
-        if self.curvature == "empirical_fisher":
-            hjv = _per_sample_outer(loss_grads, jv)
-        elif self.vmap_over_data:
-            hjv = jax.vmap(lambda j, p, t: self.loss_hessian_mv(j, pred=p, target=t))(
-                jv, pred, target
-            )
-        else:
-            hjv = self.loss_hessian_mv(jv, pred=pred, target=target)
-        return jacobian.vjp(_scale(hjv, self.factor), vector)
+        hjv = self._output_hessian(jacobian.jvp(vector), pred, target, loss_grads)
+        return jacobian.vjp(hjv, vector)
 
     def __call__(self, vector: PyTree) -> PyTree:
         """Same as `mv`, so the operator can stand wherever a `mv` callable does."""

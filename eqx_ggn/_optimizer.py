@@ -62,7 +62,9 @@ class ScaleByGaussNewtonState(NamedTuple):
     - `loss`: the objective at the last linearization point (float32).
     - `cg_iterations`, `cg_residual`, `cg_stop_reason`: CG's step count, relative
       residual and [`eqx_ggn.CGStop`][] in the last step. After an exact solve:
-      0 iterations, the solve's relative residual, and `CONVERGED`.
+      0 iterations, the solve's relative residual, and `CONVERGED`. After a
+      rescaled KFAC step: 0, NaN (`C` times the step is never formed) and
+      `CONVERGED`.
     - `reduction_ratio`: `(L(θ - d) - L(θ)) / q(-d)` with adaptive damping, else NaN.
     - `accepted`: whether the last step was taken (rejected steps return zeros).
     - `solver`: which solver ran: 0 `"cg"`, 1 `"dense"`, 2 `"sample_space"` (what
@@ -480,14 +482,14 @@ def _preconditioner(
 
 
 class _Solve(NamedTuple):
-    """A step's solve: the result, `C d` when it is known (exact solvers, KFAC's
-    rescaling) else `None`, the
-    KFAC preconditioner's choice for the next step, plain CG's reference
-    iterations and the comparisons KFAC lost in a row (see `_adaptive_kfac_cg`),
-    and the exact solve's rounding level (0 for CG and KFAC)."""
+    """A step's solve: the result, `dᵀ C d` when it is known (exact solvers,
+    KFAC's rescaling) else `None`, the KFAC preconditioner's choice for the next
+    step, plain CG's reference iterations and the comparisons KFAC lost in a row
+    (see `_adaptive_kfac_cg`), and the exact solve's rounding level (0 for CG and
+    KFAC)."""
 
     result: CGResult
-    curvature_direction: PyTree | None
+    curvature_norm: Float[Array, ""] | None
     preconditioned: Bool[Array, ""]
     reference_iterations: Int[Array, ""]
     comparisons_lost: Int[Array, ""]
@@ -530,10 +532,8 @@ def _solve(
     if solver == "cg" and config.preconditioner == "kfac":
 
         def quadratic(d):  # d^T (C + λ I) d / 2 - rhs^T d
-            damped = jax.tree.map(
-                lambda cd, x: cd + jnp.asarray(damping, x.dtype) * x, op.mv(d), d
-            )
-            return 0.5 * tree_dot(d, damped) - tree_dot(rhs, d)
+            damped = op.quadratic_form([d])[0, 0] + damping * tree_dot(d, d)
+            return 0.5 * damped - tree_dot(rhs, d)
 
         result, use, reference, lost = _adaptive_kfac_cg(
             lambda *a: solve(*a)[0],
@@ -548,15 +548,18 @@ def _solve(
         )
     used = jnp.asarray(preconditioner is not None and config.uses_kfac)
     result, floor, curvature_direction = solve(preconditioner)
+    curvature_norm = None
+    if curvature_direction is not None:
+        curvature_norm = tree_dot(result.value, curvature_direction)
     if solver == "kfac" and config.kfac_rescale:
         previous = state.momentum if config.adaptive_momentum else None
-        result, curvature_direction = _rescale_kfac_step(
+        result, curvature_norm = _rescale_kfac_step(
             op, rhs, result.value, previous, damping
         )
     floor = jnp.asarray(floor, jnp.float32)
     solved = _Solve(
         result,
-        curvature_direction,
+        curvature_norm,
         used,
         state.reference_iterations,
         state.comparisons_lost,
@@ -566,7 +569,7 @@ def _solve(
 
 
 def _clip_step(solved: _Solve, rhs: PyTree, kl_clip: Any) -> _Solve:
-    """The step `d` scaled by `min(1, sqrt(kl_clip / gᵀd))`, and `C d` with it.
+    """The step `d` scaled by `min(1, sqrt(kl_clip / gᵀd))`, and `dᵀ C d` with it.
 
     For `d = (C + λ I)^{-1} g` (and for CG's iterates from zero) `gᵀd = dᵀ(C + λ
     I)d`, so the clipped step has `dᵀ(C + λ I)d <= kl_clip`: a trust region in
@@ -581,10 +584,10 @@ def _clip_step(solved: _Solve, rhs: PyTree, kl_clip: Any) -> _Solve:
     scale = jnp.where(size > limit, jnp.sqrt(limit / jnp.where(size > 0, size, 1)), 1)
     shrink = lambda tree: jax.tree.map(lambda x: (scale * x).astype(x.dtype), tree)
     result = eqx.tree_at(lambda r: r.value, solved.result, shrink(value))
-    curvature_direction = solved.curvature_direction
-    if curvature_direction is not None:
-        curvature_direction = shrink(curvature_direction)
-    return solved._replace(result=result, curvature_direction=curvature_direction)
+    curvature_norm = solved.curvature_norm
+    if curvature_norm is not None:
+        curvature_norm = scale**2 * curvature_norm
+    return solved._replace(result=result, curvature_norm=curvature_norm)
 
 
 # A preconditioned solve over this many times plain CG's reference iterations
@@ -676,40 +679,26 @@ def _rescale_kfac_step(
     direction: PyTree,
     previous: PyTree | None,
     damping: Float[Array, ""],
-) -> tuple[CGResult, PyTree]:
+) -> tuple[CGResult, Float[Array, ""]]:
     """Martens and Grosse's rescaling: the KFAC direction (and with adaptive
     momentum the previous step) scaled to minimize the exact damped quadratic
-    model, from one (two) curvature products. Returns the step as a solve's
-    result, with its relative residual, and `C` times the step."""
+    model, from one (two) JVPs (`op.quadratic_form`; no transposed pass).
+    Returns the step as a solve's result (residual NaN: `C` times the step is
+    never formed) and `sᵀ C s` of the step `s`."""
     directions = [direction] if previous is None else [direction, previous]
-    products = [op.mv(d) for d in directions]
-    c = quadratic_model_coefficients(grad, directions, products, damping)
-
-    def combine(trees):
-        return jax.tree.map(
-            lambda *xs: sum(
-                ci.astype(x.dtype) * x for ci, x in zip(c, xs, strict=True)
-            ),
-            *trees,
-        )
-
-    step, curvature_step = combine(directions), combine(products)
-    residual = jax.tree.map(
-        lambda cs, s, g: cs + jnp.asarray(damping, s.dtype) * s - g,
-        curvature_step,
-        step,
-        grad,
-    )
-    norm = tree_dot(residual, residual) ** 0.5 / jnp.maximum(
-        tree_dot(grad, grad) ** 0.5, jnp.finfo(jnp.float32).tiny
+    form = op.quadratic_form(directions)
+    c = quadratic_model_coefficients(grad, directions, form, damping)
+    step = jax.tree.map(
+        lambda *xs: sum(ci.astype(x.dtype) * x for ci, x in zip(c, xs, strict=True)),
+        *directions,
     )
     result = CGResult(
         value=step,
         num_steps=jnp.asarray(0, jnp.int32),
         stop_reason=jnp.asarray(CGStop.CONVERGED, jnp.int32),
-        residual_norm=jnp.asarray(norm, jnp.float32),
+        residual_norm=jnp.asarray(jnp.nan, jnp.float32),
     )
-    return result, curvature_step
+    return result, c @ form.astype(c.dtype) @ c
 
 
 def _operator_for_step(
@@ -835,14 +824,12 @@ def _control_step(
     else:
         step_size, new_loss = one, loss_at(one)
     new_loss = jnp.where(finite, new_loss, jnp.nan)  # rejects the step
-    scale = lambda tree: jax.tree.map(lambda x: step_size.astype(x.dtype) * x, tree)
-    scaled = scale(direction)
+    scaled = jax.tree.map(lambda x: step_size.astype(x.dtype) * x, direction)
     if config.adaptive_damping:
-        if solved.curvature_direction is None:  # else `C d` is known: no product
-            curvature_scaled = op.mv(scaled)
-        else:
-            curvature_scaled = scale(solved.curvature_direction)
-        predicted = quadratic_model(op.grad, scaled, curvature_scaled)
+        curvature = solved.curvature_norm  # dᵀ C d, when the solve knows it
+        if curvature is None:
+            curvature = op.quadratic_form([direction])[0, 0]
+        predicted = quadratic_model(op.grad, scaled, step_size**2 * curvature)
         constants = dict(lm_constants)
         if constants["min_damping"] is None:
             # CG and KFAC: 1e-8; exact solves: their factorization's rounding
@@ -1125,7 +1112,9 @@ def scale_by_gauss_newton(
     **Safe by default:** the Levenberg-Marquardt rule (`adaptive_damping=True`,
     starting from `damping=1`, Nielsen's update) evaluates the loss at `θ - d`
     and rejects any step that raises it, at the price of one more forward pass
-    and one more product per step; every rejection changes the next trial, so no
+    and one Jacobian-vector product per step (`dᵀ C d` for the quadratic model,
+    from `J d` alone; the exact solvers and KFAC's rescaling already have it);
+    every rejection changes the next trial, so no
     run repeats a rejected step. The exact solvers add the grid line search and
     let the damping fall to their rounding level (`line_search="auto"`,
     `min_damping=None`): `solver="sample_space"` (or `"auto"`) with every other
@@ -1159,11 +1148,11 @@ def scale_by_gauss_newton(
         `"dense"` (the `P x P` matrix from per-sample Jacobians, Cholesky),
         `"sample_space"` (the `(N O) x (N O)` kernel and the push-through
         identity; GGN, Fisher and empirical Fisher), `"kfac"` (the damped KFAC
-        inverse, rescaled by the exact quadratic model: one product, two with
-        `adaptive_momentum`; needs `model=`) or `"auto"` (the cheaper exact
-        solve that fits `max_matrix_bytes`, 1 GiB by default, else CG). Exact
-        solves run in at least float32 and never return NaN for a singular
-        system. See "Choosing a solver" and "KFAC" in the docs.
+        inverse, rescaled by the exact quadratic model: one Jacobian-vector
+        product, two with `adaptive_momentum`; needs `model=`) or `"auto"` (the
+        cheaper exact solve that fits `max_matrix_bytes`, 1 GiB by default,
+        else CG). Exact solves run in at least float32 and never return NaN for
+        a singular system. See "Choosing a solver" and "KFAC" in the docs.
     - `line_search`: `"auto"` (default: `"grid"` for the exact solvers, `None`
         for CG and KFAC), `None` or `"grid"`: evaluate the loss at `θ - α d` for
         `α = 2^-k`, `k = 0..15`, in one batched forward pass (ENGD's grid) and
@@ -1226,22 +1215,25 @@ def scale_by_gauss_newton(
         losses in a row, and `state.cg_iterations` counts both runs on a
         comparison step.
     - `kfac_decay`, `kfac_every`, `kfac_inverse_every`, `weight_sharing`,
-        `kfac_max_dim`: KFAC's factors are a running average with this decay of
+        `kfac_max_dim`: KFAC's factors are a running average of
         [`eqx_ggn.kfac_factors`][] (with the step's `curvature`; `"fisher"`
         samples labels), computed every `kfac_every` steps (one forward and one
-        backward pass each time); their eigendecompositions are refreshed every
-        `kfac_inverse_every` steps; `weight_sharing` (`"expand"` or `"reduce"`)
-        treats layers used several times per sample; a factor larger than
-        `kfac_max_dim` (`None`: 2048) is kept diagonal. It sets shapes: under
-        `optax.inject_hyperparams`, a given `kfac_max_dim` belongs in
-        `static_args`. What
-        each costs on a transformer is in the docs' KFAC page.
+        backward pass each time), uniform over its first `1 / (1 - kfac_decay)`
+        updates and exponential with this decay after them (Martens and
+        Grosse's weight `1 - min(1 - 1/k, kfac_decay)` for the `k`-th update);
+        their eigendecompositions are refreshed every `kfac_inverse_every`
+        steps; `weight_sharing` (`"expand"` or `"reduce"`) treats layers used
+        several times per sample; a factor larger than `kfac_max_dim` (`None`:
+        2048) is kept diagonal. It sets shapes: under `optax.inject_hyperparams`,
+        a given `kfac_max_dim` belongs in `static_args`. What each costs on a
+        transformer is in the docs' KFAC page.
     - `kfac_rescale`: with `solver="kfac"`, scale the KFAC direction to minimize
-        the exact damped quadratic model (Martens and Grosse; one curvature
-        product per step). `False` takes the damped KFAC direction as it is:
-        with `adaptive_damping=False` this is the cheapest step (no curvature
-        product, no trial loss) but needs a tuned learning rate and damping; in
-        `docs/benchmarks.md` ("Time to target") it loses to the default.
+        the exact damped quadratic model (Martens and Grosse; one
+        Jacobian-vector product per step, no transposed pass). `False` takes
+        the damped KFAC direction as it is: with `adaptive_damping=False` this
+        is the cheapest step (no curvature product, no trial loss) but needs a
+        tuned learning rate and damping; in `docs/benchmarks.md` ("Time to
+        target") it loses to the default.
     - `kl_clip`: a trust region for every solver: the solution `d` (before the
         learning rate) is scaled by `min(1, sqrt(kl_clip / gᵀd))`, so that
         `dᵀ(C + λ I)d <= kl_clip`. Under `curvature="fisher"` with the mean loss,

@@ -58,11 +58,11 @@ class LevenbergMarquardt(NamedTuple):
 
 
 def quadratic_model(
-    grad: PyTree, direction: PyTree, curvature_direction: PyTree
+    grad: PyTree, direction: PyTree, curvature: Float[Array, ""]
 ) -> Float[Array, ""]:
     """`q(-d) = -g^T d + d^T C d / 2`: the predicted change of the loss for the step
-    `-d`, from the gradient `g` and the product `C d`."""
-    return -tree_dot(grad, direction) + 0.5 * tree_dot(direction, curvature_direction)
+    `-d`, from the gradient `g` and `curvature = d^T C d`."""
+    return -tree_dot(grad, direction) + 0.5 * curvature
 
 
 def rejection_reason(
@@ -215,7 +215,7 @@ def grid_line_search(
 def quadratic_model_coefficients(
     grad: PyTree,
     directions: list[PyTree],
-    curvature_directions: list[PyTree],
+    curvature_form: Float[Array, "k k"],
     damping: Float[Array, ""],
 ) -> Float[Array, " k"]:
     """The coefficients `c` that minimize the damped quadratic model along a few
@@ -231,26 +231,18 @@ def quadratic_model_coefficients(
     - `grad`: the gradient `g`.
     - `directions`: one or two directions `d_i` (e.g. the KFAC step and the
         previous step).
-    - `curvature_directions`: the products `C d_i`.
+    - `curvature_form`: the matrix `d_i^T C d_j` (see
+        `CurvatureOperator.quadratic_form`).
     - `damping`: `λ`.
 
     **Returns:**
 
     The coefficients, float32 or wider.
     """
-    k = len(directions)
     gram = jnp.stack(
-        [
-            jnp.stack(
-                [
-                    tree_dot(directions[i], curvature_directions[j])
-                    + damping * tree_dot(directions[i], directions[j])
-                    for j in range(k)
-                ]
-            )
-            for i in range(k)
-        ]
+        [jnp.stack([tree_dot(u, w) for w in directions]) for u in directions]
     )
     rhs = jnp.stack([tree_dot(grad, d) for d in directions])
+    gram = curvature_form.astype(rhs.dtype) + damping * gram
     gram = (gram + gram.T) / 2
     return jnp.linalg.pinv(gram, hermitian=True) @ rhs

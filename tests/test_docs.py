@@ -20,11 +20,20 @@ def _examples(text):
     return [textwrap.dedent(block) for block in FENCE.findall(text)]
 
 
-def _docstring_examples():
+def _documented():
+    """Every public name, and the public methods of the public classes."""
     for name in PUBLIC:
-        for i, code in enumerate(
-            _examples(inspect.getdoc(getattr(eqx_ggn, name)) or "")
-        ):
+        obj = getattr(eqx_ggn, name)
+        yield name, obj
+        if inspect.isclass(obj):
+            for method, value in vars(obj).items():
+                if not method.startswith("_") and callable(value):
+                    yield f"{name}.{method}", value
+
+
+def _docstring_examples():
+    for name, obj in _documented():
+        for i, code in enumerate(_examples(inspect.getdoc(obj) or "")):
             yield pytest.param(code, id=f"{name}-{i}")
 
 

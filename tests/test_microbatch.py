@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from helpers import assert_rel_close, to_f64
+from jax.flatten_util import ravel_pytree
 
 import eqx_ggn
 
@@ -35,15 +36,20 @@ def test_microbatched_operator_equals_full_batch(x64, loss_fn, curvature):
                 num_microbatches=n,
                 relinearize=relinearize,
             )
-            out.append((op.loss, op.grad, op.predictions, op.as_matrix()))
+            form = op.quadratic_form([op.grad, jax.tree.map(jnp.cos, op.grad)])
+            out.append((op.loss, op.grad, op.predictions, op.as_matrix(), form))
         return out
 
-    (loss, grad, pred, matrix), *others = everything(mlp, data)
-    for other_loss, other_grad, other_pred, other_matrix in others:
+    (loss, grad, pred, matrix, form), *others = everything(mlp, data)
+    vectors = [ravel_pytree(grad)[0], jnp.cos(ravel_pytree(grad)[0])]
+    vectors = jnp.stack(vectors)
+    assert_rel_close(form, vectors @ matrix @ vectors.T, 1e-12)
+    for other_loss, other_grad, other_pred, other_matrix, other_form in others:
         assert_rel_close(other_loss, loss, 1e-12)
         assert_rel_close(other_grad, grad, 1e-12)
         assert_rel_close(other_pred, pred, 1e-12)
         assert_rel_close(other_matrix, matrix, 1e-12)
+        assert_rel_close(other_form, form, 1e-12)
 
 
 def test_microbatches_must_divide_the_batch(x64):

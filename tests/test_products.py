@@ -51,15 +51,20 @@ def test_operator_matches_dense(kind, loss_fn):
             op = eqx_ggn.curvature_operator(
                 model_fn, params, data, loss_fn, curvature=curvature
             )
-            out[curvature] = (op.as_matrix(), op.grad, op.loss, op.mv(unravel(v)))
+            form = op.quadratic_form([unravel(v), op.grad])
+            out[curvature] = (op.as_matrix(), op.grad, op.loss, op.mv(unravel(v)), form)
         return out
 
-    for curvature, (matrix, grad, loss, mv) in products(params, data, v).items():
+    results = products(params, data, v).items()
+    for curvature, (matrix, grad, loss, mv, form) in results:
         assert_rel_close(matrix, ref[curvature])
         assert_rel_close(ravel_pytree(grad)[0], ref["grad"])
         assert_rel_close(loss, ref["loss"])
         # The same product without `as_matrix`, on a random vector.
         assert_rel_close(ravel_pytree(mv)[0], ref[curvature] @ v)
+        # `[v_iᵀ C v_j]` from JVPs alone.
+        vectors = jnp.stack([v, ref["grad"]])
+        assert_rel_close(form, vectors @ ref[curvature] @ vectors.T)
 
 
 @pytest.mark.parametrize(("kind", "loss_fn"), CASES, ids=IDS)
