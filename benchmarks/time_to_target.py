@@ -527,7 +527,7 @@ def costs(workload):
     settings = [dict(solver="kfac", curvature="fisher", **s) for s in settings]
     settings += [
         dict(cg_maxiter=10),
-        dict(cg_maxiter=10, preconditioner="kfac", kfac_every=5),
+        dict(cg_maxiter=10, preconditioner="kfac", kfac_every=5, curvature="fisher"),
     ]
     print(f"\n### {workload.name}: step time (AdamW {1e3 * adam:.1f} ms)\n")
     print("| eqx_ggn.gauss_newton setting | step (ms) | / AdamW's |\n|---|---|---|")

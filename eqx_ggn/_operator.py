@@ -291,14 +291,15 @@ class CurvatureOperator(eqx.Module):
             import jax, jax.numpy as jnp
             import eqx_ggn
 
-            mlp = eqx.nn.MLP(2, 1, 8, 1, key=jax.random.key(0))
-            x = jnp.linspace(-1, 1, 32).reshape(16, 2)
-            data = {"input": x, "target": x[:, :1]}
-            op = eqx_ggn.curvature_operator(model=mlp, data=data, loss_fn="mse")
+            net = eqx.nn.Linear(3, 4, key=jax.random.key(0))
+            x = jax.random.normal(jax.random.key(1), (8, 3))
+            data = {"input": x, "target": jnp.arange(8) % 4}
+            op = eqx_ggn.curvature_operator(
+                model=net, data=data, loss_fn="cross_entropy"
+            )
             form = op.quadratic_form([op.grad])  # (1, 1): gᵀ C g
-            flat = jax.flatten_util.ravel_pytree(op.grad)[0]
-            expected = flat @ op.as_matrix() @ flat
-            assert jnp.allclose(form[0, 0], expected, rtol=1e-4)
+            g = jax.flatten_util.ravel_pytree(op.grad)[0]
+            assert jnp.allclose(form[0, 0], g @ op.as_matrix() @ g, rtol=1e-4)
             ```
         """
         template = self._params_template()
