@@ -1242,7 +1242,7 @@ def scale_by_gauss_newton(
         `kl_clip` also counts the learning rate). With `warm_start`, CG's `gᵀd`
         only approximates `dᵀ(C + λ I)d`. It bounds the step where a fixed
         damping alone would not (`kfac_rescale=False, adaptive_damping=False`);
-        `None` (default): off.
+        `None` (default): off; otherwise a positive number.
     - `momentum`: heavy-ball momentum on the solutions, `m = momentum * m + d`;
         `None` (default) keeps no buffer.
     - `adaptive_momentum`: with `solver="kfac"`, add the previous step with the
@@ -1365,6 +1365,11 @@ def scale_by_gauss_newton(
         warn_after=(warn_after, 1, float("inf")),
         kl_clip=(kl_clip, 0, float("inf")),
     )
+    if _is_number(kl_clip) and kl_clip == 0:
+        raise ValueError(
+            "kl_clip=0 would scale every step to zero: give a positive trust "
+            "region, or kl_clip=None to turn the clipping off."
+        )
     cg_options = _CGOptions(cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay)
     preconditioner_options = _PreconditionerOptions(
         diagonal_decay, kfac_decay, kfac_every, kfac_inverse_every
