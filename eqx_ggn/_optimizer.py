@@ -258,6 +258,14 @@ def _check_numbers(**values: Any) -> None:
             raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
 
 
+def _check_kl_clip(kl_clip: Any) -> None:
+    if _is_number(kl_clip) and not kl_clip > 0:
+        raise ValueError(
+            f"kl_clip must be positive, got {kl_clip} (0 would scale every step "
+            "to zero); kl_clip=None turns the clipping off."
+        )
+
+
 def _check_maxiter(cg_maxiter: Any) -> None:
     if _is_number(cg_maxiter):
         if not isinstance(cg_maxiter, int) or cg_maxiter < 1:
@@ -1363,13 +1371,8 @@ def scale_by_gauss_newton(
         damping_decrease=(damping_decrease, 0, 1),
         damping_increase=(damping_increase, 1, float("inf")),
         warn_after=(warn_after, 1, float("inf")),
-        kl_clip=(kl_clip, 0, float("inf")),
     )
-    if _is_number(kl_clip) and kl_clip == 0:
-        raise ValueError(
-            "kl_clip=0 would scale every step to zero: give a positive trust "
-            "region, or kl_clip=None to turn the clipping off."
-        )
+    _check_kl_clip(kl_clip)
     cg_options = _CGOptions(cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay)
     preconditioner_options = _PreconditionerOptions(
         diagonal_decay, kfac_decay, kfac_every, kfac_inverse_every

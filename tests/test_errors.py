@@ -179,5 +179,6 @@ def test_optimizer_errors_name_the_fix():
         opt.update(grads, state, params, model=model, batch=data, operator=op)
     with pytest.raises(ValueError, match="Unknown damping_rule 'more'"):
         eqx_ggn.gauss_newton(1.0, damping_rule="more")
-    with pytest.raises(ValueError, match="kl_clip=0 would scale every step"):
-        eqx_ggn.gauss_newton(1.0, kl_clip=0.0)
+    for kl_clip in (0.0, -1.0):
+        with pytest.raises(ValueError, match="kl_clip must be positive"):
+            eqx_ggn.gauss_newton(1.0, kl_clip=kl_clip)
