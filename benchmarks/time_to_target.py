@@ -481,6 +481,36 @@ def costs(workload):
     loss_fn = workload.loss_fn
     grad = eqx.filter_jit(eqx.filter_value_and_grad(workload.train_loss))
     rows = [("gradient (eqx.filter_value_and_grad)", mean_time(grad, model, batch))]
+
+    def operator(m, b):
+        return eqx_ggn.value_and_grad(
+            model=m,
+            batch=b,
+            loss_fn=loss_fn,
+            curvature="fisher",
+            factor=workload.factor,
+            return_operator=True,
+        )
+
+    def with_product(m, b):
+        (_, g), op = operator(m, b)
+        return op.mv(g)
+
+    def with_form(m, b):
+        (_, g), op = operator(m, b)
+        return op.quadratic_form([g])
+
+    # The step's linearization alone, then with what each use of it adds.
+    pieces = {
+        "linearization and gradient (eqx_ggn.value_and_grad, return_operator)": (
+            lambda m, b: operator(m, b)[0]
+        ),
+        "  + one GGN product (op.mv: a JVP and a transposed JVP)": with_product,
+        "  + one quadratic form (op.quadratic_form: a JVP)": with_form,
+        "the loss at a trial point (a forward pass)": workload.train_loss,
+    }
+    for name, function in pieces.items():
+        rows.append((name, mean_time(eqx.filter_jit(function), model, batch)))
     for sharing in ("expand", "reduce"):
         factors = eqx.filter_jit(
             lambda m, b, k, s=sharing: eqx_ggn.kfac_factors(

@@ -239,34 +239,12 @@ class CurvatureOperator(eqx.Module):
 
         A pytree like `params`.
         """
-        template = self._params_template()
-        check_like("vector", vector, template, "params")
-        vector = jax.tree.map(lambda v, t: jnp.asarray(v, t.dtype), vector, template)
-        vector = vary_over_shards(vector, self.axis_name)
-        if self.num_microbatches == 1 and not self.relinearize:
-            product = self._product(
-                self.jacobian, self.predictions, self.target, self.loss_grads, vector
-            )
-            return sum_over_shards(product, self.axis_name)
-        chunks = to_microbatches(
-            (self.predictions, self.target, self.loss_grads, self.inputs),
-            self.num_microbatches,
-        )
-
-        def accumulate(total, xs):
-            jacobian, (pred, target, loss_grads, inputs) = xs
-            if jacobian is None:  # relinearize: one more forward pass per chunk
-                jacobian = self._relinearized(inputs, target)
-            part = self._product(jacobian, pred, target, loss_grads, vector)
-            return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, part), None
-
+        vector = self._cast("vector", vector)
         # Sum the micro-batches' products in at least float32.
         zeros = jax.tree.map(
             lambda v: jnp.zeros(v.shape, jnp.result_type(jnp.float32, v.dtype)), vector
         )
-        zeros = vary_over_shards(zeros, self.axis_name)
-        total, _ = jax.lax.scan(accumulate, zeros, (self.jacobian, chunks))
-        total = sum_over_shards(total, self.axis_name)
+        total = self._summed(lambda *chunk: self._product(*chunk, vector), zeros)
         return jax.tree.map(lambda t, v: t.astype(v.dtype), total, vector)
 
     def quadratic_form(self, vectors: list[PyTree]) -> Float[Array, "k k"]:
@@ -302,49 +280,50 @@ class CurvatureOperator(eqx.Module):
             assert jnp.allclose(form[0, 0], g @ op.as_matrix() @ g, rtol=1e-4)
             ```
         """
+        vectors = [self._cast("vectors", vector) for vector in vectors]
+        dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(vectors))
+        zeros = jnp.zeros((len(vectors),) * 2, dtype)
+        return self._summed(lambda *chunk: self._form(*chunk, vectors), zeros)
+
+    def _cast(self, name: str, vector: PyTree) -> PyTree:
+        """`vector` checked against `params`, in their dtypes, varying over the
+        shards."""
         template = self._params_template()
-        for vector in vectors:
-            check_like("vectors", vector, template, "params")
-        vectors = [
-            vary_over_shards(
-                jax.tree.map(lambda v, t: jnp.asarray(v, t.dtype), vector, template),
-                self.axis_name,
-            )
-            for vector in vectors
-        ]
+        check_like(name, vector, template, "params")
+        vector = jax.tree.map(lambda v, t: jnp.asarray(v, t.dtype), vector, template)
+        return vary_over_shards(vector, self.axis_name)
+
+    def _summed(self, part: Callable, zeros: PyTree) -> PyTree:
+        """`part(jacobian, pred, target, loss_grads)` summed over the micro-batches
+        (accumulated in `zeros`' dtypes; with `relinearize`, one more forward pass
+        per micro-batch) and over the shards."""
         if self.num_microbatches == 1 and not self.relinearize:
-            form = self._form(
-                self.jacobian, self.predictions, self.target, self.loss_grads, vectors
-            )
-            return sum_over_shards(form, self.axis_name)
-
-        def accumulate(total, xs):
-            jacobian, (pred, target, loss_grads, inputs) = xs
-            if jacobian is None:
-                jacobian = self._relinearized(inputs, target)
-            return total + self._form(jacobian, pred, target, loss_grads, vectors), None
-
+            out = part(self.jacobian, self.predictions, self.target, self.loss_grads)
+            return sum_over_shards(out, self.axis_name)
         chunks = to_microbatches(
             (self.predictions, self.target, self.loss_grads, self.inputs),
             self.num_microbatches,
         )
-        dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(vectors))
-        zeros = vary_over_shards(jnp.zeros((len(vectors),) * 2, dtype), self.axis_name)
+
+        def accumulate(total, xs):
+            jacobian, (pred, target, loss_grads, inputs) = xs
+            if jacobian is None:  # relinearize
+                jacobian = _linearize(
+                    self.model_fn,
+                    self.params,
+                    {"input": inputs, "target": target},
+                    self.loss_fn,
+                    self.curvature,
+                    self.factor,
+                    self.vmap_over_data,
+                    self.jac,
+                ).jacobian
+            out = part(jacobian, pred, target, loss_grads)
+            return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, out), None
+
+        zeros = vary_over_shards(zeros, self.axis_name)
         total, _ = jax.lax.scan(accumulate, zeros, (self.jacobian, chunks))
         return sum_over_shards(total, self.axis_name)
-
-    def _relinearized(self, inputs: PyTree, target: PyTree) -> Jacobian:
-        """One micro-batch's Jacobian, linearized again (`relinearize=True`)."""
-        return _linearize(
-            self.model_fn,
-            self.params,
-            {"input": inputs, "target": target},
-            self.loss_fn,
-            self.curvature,
-            self.factor,
-            self.vmap_over_data,
-            self.jac,
-        ).jacobian
 
     def _output_hessian(
         self, jv: PyTree, pred: PyTree, target: PyTree, loss_grads: PyTree | None
