@@ -403,9 +403,10 @@ def test_running_factors_average_uniformly_then_decay(x64):
         weight = 1 - min(1 - 1 / k, decay)
         mean = (1 - weight) * mean + weight * value
         expected += [mean] * every
-    np.testing.assert_allclose(run(batches), expected, rtol=1e-12)
+    running = run(batches)
+    np.testing.assert_allclose(running, expected, rtol=1e-12)
     # Uniform while 1 - 1/k <= decay (k <= 4): the plain mean of the first four.
-    np.testing.assert_allclose(run(batches)[every * 4 - 1], jnp.mean(batches[:4]))
+    np.testing.assert_allclose(running[every * 4 - 1], jnp.mean(batches[:4]))
 
 
 @pytest.mark.parametrize("adaptive_momentum", [False, True])
