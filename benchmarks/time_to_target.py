@@ -19,7 +19,7 @@ below it. Also reported: steps per second and the step's XLA memory (arguments,
 outputs and temporaries of the compiled step).
 
     python benchmarks/time_to_target.py [--quick] [--workload NAME]
-        [--optimizers PREFIXES] [--costs]
+        [--optimizers PREFIXES] [--costs] [--floors]
 """
 
 import argparse
@@ -568,11 +568,46 @@ def costs(workload):
         print(f"| {name} | {1e3 * seconds:.1f} | {seconds / adam:.2f}x |", flush=True)
 
 
+def floors(workload):
+    """`kfac_damping_floor` over two decades on the cosine-lr KFAC row's settings
+    (Fisher factors, `kfac_every=5`), seeds 0 and 1: the validation value at
+    fractions of the budget."""
+    fractions = (0.1, 0.2, 0.4, 0.5, 0.75, 1.0)
+    print(f"\n### {workload.name}: {workload.metric}, budget {workload.budget:.0f} s\n")
+    marks = " | ".join(f"at {f * workload.budget:.0f} s" for f in fractions)
+    print(f"| kfac_damping_floor | seed | steps/s | {marks} |")
+    print("|---|---|---|" + "---|" * len(fractions))
+
+    def factory(floor, steps):
+        return gn(
+            workload,
+            learning_rate=optax.cosine_decay_schedule(1.0, max(steps, 2)),
+            solver="kfac",
+            curvature="fisher",
+            kfac_every=5,
+            kfac_damping_floor=floor,
+        )
+
+    for floor in (0.0, 0.01, 0.1, 1.0):
+        for seed in (0, 1):
+            r = run(workload, factory, floor, seed)
+            values = " | ".join(
+                f"{value_at(r['curve'], f * workload.budget):.4g}" for f in fractions
+            )
+            print(
+                f"| {floor:g} | {seed} | {r['steps_per_s']:.1f} | {values} |",
+                flush=True,
+            )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workload", default=None)
     parser.add_argument("--costs", action="store_true", help="the cost tables only")
+    parser.add_argument(
+        "--floors", action="store_true", help="the kfac_damping_floor grid only"
+    )
     parser.add_argument("--cache", default="time_to_target.json")
     parser.add_argument(
         "--optimizers",
@@ -606,6 +641,9 @@ def main():
             continue
         if args.costs:
             costs(workload)
+            continue
+        if args.floors:
+            floors(workload)
             continue
         cache = pathlib.Path(args.cache + ("-quick" if args.quick else ""))
         only = args.optimizers.split(";") if args.optimizers else None

@@ -788,6 +788,22 @@ def _damped_inverse(values: Array, shift: Array) -> Array:
     return jnp.where(denominator > tiny, 1 / jnp.maximum(denominator, tiny), 0)
 
 
+def mean_eigenvalue(eigen: PyTree) -> Array:
+    """`tr(KFAC) / P`: the mean eigenvalue of the KFAC approximation over all `P`
+    trained entries (`tr(A ⊗ G) = tr A tr G` per block; negative eigenvalues,
+    from rounding, count as zero), in the blocks' precision."""
+    total, count = 0.0, 0
+    for block in jax.tree.leaves(eigen, is_leaf=_is_block):
+        if isinstance(block, KroneckerEigen):
+            a, g = jnp.maximum(block.a_values, 0), jnp.maximum(block.g_values, 0)
+            total += jnp.sum(a) * jnp.sum(g)
+            count += a.size * g.size
+        else:
+            total += jnp.sum(jnp.maximum(block, 0))
+            count += block.size
+    return jnp.asarray(total) / max(count, 1)
+
+
 def apply_kfac_inverse(eigen: PyTree, vector: PyTree, damping: Array) -> PyTree:
     """`(A ⊗ G + damping)^{-1} vector`, per block, with the damping split by `π`
     (diagonal blocks: `vector / (d + damping)`), in the blocks' precision."""

@@ -182,3 +182,5 @@ def test_optimizer_errors_name_the_fix():
     for kl_clip in (0.0, -1.0):
         with pytest.raises(ValueError, match="kl_clip must be positive"):
             eqx_ggn.gauss_newton(1.0, kl_clip=kl_clip)
+    with pytest.raises(ValueError, match=r"kfac_damping_floor must lie in \[0,"):
+        eqx_ggn.gauss_newton(1.0, solver="kfac", kfac_damping_floor=-0.1)

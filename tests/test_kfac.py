@@ -14,7 +14,13 @@ from helpers import ConvNet, assert_rel_close, dense_curvatures, to_f64
 from jax.flatten_util import ravel_pytree
 
 import eqx_ggn
-from eqx_ggn._kfac import KFACState, _layer_matrix, update_kfac_state
+from eqx_ggn._kfac import (
+    KFACState,
+    _layer_matrix,
+    eigendecompose,
+    mean_eigenvalue,
+    update_kfac_state,
+)
 
 
 # One compiled program per model and setting, instead of op-by-op dispatch.
@@ -285,6 +291,18 @@ def test_inverse_equals_solve_on_the_dense_kronecker_matrix(x64):
             out,
             is_leaf=lambda b: isinstance(b, eqx_ggn.KroneckerFactor),
         )
+        # tr(KFAC) / P from the dense blocks: the scale of the optimizer's floor.
+        is_factor = lambda b: isinstance(b, eqx_ggn.KroneckerFactor)
+        trace = lambda f: np.sum(f) if f.ndim == 1 else np.trace(f)  # a diagonal A
+        traces = [
+            trace(np.asarray(b.a)) * trace(np.asarray(b.g))
+            if is_factor(b)
+            else np.sum(np.asarray(b))
+            for b in jax.tree.leaves(factors, is_leaf=is_factor)
+        ]
+        assert_rel_close(
+            mean_eigenvalue(eigendecompose(factors)), sum(traces) / flat.size, 1e-12
+        )
     assert {"diagonal", "Linear", "Conv2d", "Embedding"} <= seen
 
 
@@ -432,6 +450,35 @@ def test_kfac_step_solves_linear_least_squares(x64, adaptive_momentum):
     inner = state[0]
     # A rescaled KFAC step never forms `C d`: no residual to report.
     assert int(inner.solver) == 3 and np.isnan(float(inner.cg_residual))
+
+
+def test_kfac_damping_floor_is_a_fraction_of_the_mean_eigenvalue(x64):
+    """Under adaptive damping the KFAC direction is solved with `max(λ,
+    kfac_damping_floor * tr(KFAC) / P)`: the step is parallel to the dense KFAC
+    solve at the floor, not at `λ`."""
+    model = to_f64(Net(jax.random.key(3)))
+    x = jax.random.normal(jax.random.key(4), (16, 3), jnp.float64)
+    batch = {"input": x, "target": jnp.sin(x[:, :2])}
+    params = eqx.filter(model, eqx.is_inexact_array)
+    grads = eqx_ggn.value_and_grad(eqx_ggn.as_model_fn(model), params, batch, "mse")[1]
+    opt = eqx_ggn.gauss_newton(
+        1.0, loss_fn="mse", solver="kfac", damping=1e-9, kfac_damping_floor=0.5
+    )
+    new, state = eqx.filter_jit(_step)(opt, model, batch, opt.init(params))
+    assert bool(state[0].accepted)
+    flat = lambda tree: ravel_pytree(eqx.filter(tree, eqx.is_inexact_array))[0]
+    step = flat(new) - flat(model)
+    # The optimizer's factors are these times the objective's factor: the same
+    # direction, since the floor scales with them.
+    factors = kfac_factors(model, batch, "mse")
+    floor = 0.5 * mean_eigenvalue(eigendecompose(factors))
+
+    def cosine(damping):
+        d = flat(eqx_ggn.kfac_inverse(factors, damping)(grads))
+        return jnp.abs(d @ step) / jnp.linalg.norm(d) / jnp.linalg.norm(step)
+
+    assert_rel_close(cosine(floor), 1.0, 1e-10)
+    assert cosine(1e-9) < 0.99
 
 
 def test_kfac_preconditioned_cg_reaches_the_unpreconditioned_solution(x64):
