@@ -19,7 +19,11 @@ below it. Also reported: steps per second and the step's XLA memory (arguments,
 outputs and temporaries of the compiled step).
 
     python benchmarks/time_to_target.py [--quick] [--workload NAME]
-        [--optimizers PREFIXES] [--costs] [--floors]
+        [--optimizers PREFIXES] [--costs] [--floors] [--large]
+
+`--costs` times the pieces of a step on each workload; `--floors` runs
+`kfac_damping_floor` over two decades; `--large` replaces the workloads by the
+transformer at width 512, 6 layers and 8 heads with 10 s runs (for a GPU).
 """
 
 import argparse
@@ -85,7 +89,7 @@ def mean_cross_entropy(logits, labels):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def transformer_workload(budget):
+def transformer_workload(budget, width=64, depth=2, heads=4):
     train, valid = python_text()
     batch_size, context, vocab = 32, 64, 96
     valid_batches = [
@@ -106,7 +110,7 @@ def transformer_workload(budget):
         "cross_entropy",
         1.0 / (batch_size * context),
         budget,
-        lambda key: CharTransformer(vocab, 64, 2, 4, context, key),
+        lambda key: CharTransformer(vocab, width, depth, heads, context, key),
         lambda key: text_batch(train, key, batch_size, context),
         validate,
         train_loss,
@@ -364,6 +368,7 @@ def run(workload, factory, value, seed, steps_hint=None):
         rate = steps / elapsed
         chunk = max(1, int(rate * workload.budget / 40))
     jax.clear_caches()  # hundreds of runs: free their compiled programs
+    print(f"    run {value} seed {seed}: final {curve[-1][1]:.4g}", flush=True)
     return {
         "curve": curve,
         "steps_per_s": steps / elapsed,
@@ -608,6 +613,11 @@ def main():
     parser.add_argument(
         "--floors", action="store_true", help="the kfac_damping_floor grid only"
     )
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="the transformer at width 512, 6 layers, 8 heads (for a GPU), 10 s runs",
+    )
     parser.add_argument("--cache", default="time_to_target.json")
     parser.add_argument(
         "--optimizers",
@@ -623,6 +633,8 @@ def main():
         cnn_workload(12 * scale),
         autoencoder_workload(12 * scale),
     ]
+    if args.large:
+        workloads = [transformer_workload(10 * scale, width=512, depth=6, heads=8)]
     print(
         f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax "
@@ -645,7 +657,8 @@ def main():
         if args.floors:
             floors(workload)
             continue
-        cache = pathlib.Path(args.cache + ("-quick" if args.quick else ""))
+        suffix = ("-quick" if args.quick else "") + ("-large" if args.large else "")
+        cache = pathlib.Path(args.cache + suffix)
         only = args.optimizers.split(";") if args.optimizers else None
         results, target = benchmark(workload, print_row, cache, only)
         report(workload, results, target)
