@@ -26,6 +26,10 @@ final training objective on the whole training set.
 Part 3: kfac-jax's optimizer on a plain-JAX MLP, in a subprocess: its version and
 its result or error.
 
+Part 4: full batch, `solver="kfac"` with its defaults on the whole training set
+of each problem, `kfac_damping_floor` 0, 0.01 and 0.1: the training objective
+after 10, 25, 50 and 100 steps.
+
 Run: `python benchmarks/kfac.py` (about 8 minutes on 2 CPU cores), or `--budget`
 to change the seconds per optimizer in part 2 (`--kfac-damping-floor 0` runs its
 `solver="kfac"` rows without the floor).
@@ -54,7 +58,7 @@ from eqx_ggn._kfac import apply_kfac_inverse, eigendecompose
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--budget", type=float, default=20.0, help="seconds per run")
-parser.add_argument("--parts", default="123", help="which parts to run")
+parser.add_argument("--parts", default="1234", help="which parts to run")
 parser.add_argument(
     "--kfac-damping-floor",
     type=float,
@@ -355,6 +359,39 @@ def part_kfac_jax():
             print(f"- at: `{where}`")
 
 
+def part_full_batch(steps=(10, 25, 50, 100)):
+    """`solver="kfac"` (defaults) on the whole training set, the damping floor
+    off, at 0.01 and at 0.1: the training objective after each number of steps."""
+    print("\n## Part 4: full batch, the damping floor on and off\n")
+    print(
+        "| problem | kfac_damping_floor | "
+        + " | ".join(f"after {k} steps" for k in steps)
+        + " | ms/step |"
+    )
+    print("|---" * (len(steps) + 3) + "|")
+    for problem, p in PROBLEMS.items():
+        loss, (x, y) = p["loss"], p["train"]
+        for floor in (0.0, 0.01, 0.1):
+            opt = eqx_ggn.gauss_newton(
+                1.0, loss_fn=loss, solver="kfac", kfac_damping_floor=floor
+            )
+            step = make_step(opt, loss, True)
+            model = p["model"]
+            state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+            jax.block_until_ready(step(model, state, x, y))  # compile
+            values, elapsed = [], 0.0
+            for count in range(1, steps[-1] + 1):
+                start = time.perf_counter()
+                model, state, _ = step(model, state, x, y)
+                jax.block_until_ready(model)
+                elapsed += time.perf_counter() - start
+                if count in steps:
+                    values.append(float(objective(model, x, y, loss)))
+            cells = " | ".join(f"{v:.5g}" for v in values)
+            ms = 1e3 * elapsed / steps[-1]
+            print(f"| {problem} | {floor:g} | {cells} | {ms:.1f} |", flush=True)
+
+
 header()
 if "1" in args.parts:
     part_cg()
@@ -362,3 +399,5 @@ if "2" in args.parts:
     part_time_to_accuracy()
 if "3" in args.parts:
     part_kfac_jax()
+if "4" in args.parts:
+    part_full_batch()

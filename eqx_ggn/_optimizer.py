@@ -1258,7 +1258,7 @@ def scale_by_gauss_newton(
         Grosse's separate factor damping, the floor keeps it to directions the
         factors resolve, and it is scale-free: multiplying the loss by a
         constant changes nothing. `0` turns it off. Measured over two decades
-        on five mini-batch problems in `docs/benchmarks.md`.
+        on five mini-batch and two full-batch problems in `docs/benchmarks.md`.
     - `kl_clip`: a trust region for every solver: the solution `d` (before the
         learning rate) is scaled by `min(1, sqrt(kl_clip / gᵀd))`, so that
         `dᵀ(C + λ I)d <= kl_clip`. Under `curvature="fisher"` with the mean loss,
