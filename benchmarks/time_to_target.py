@@ -200,6 +200,17 @@ def gn(workload, **kwargs):
     return opt, kwargs.get("curvature", "ggn")
 
 
+def kfac_cosine(workload, steps, **kwargs):
+    """Fisher-factor KFAC with a cosine learning rate from 1 over `steps`."""
+    return gn(
+        workload,
+        learning_rate=optax.cosine_decay_schedule(1.0, max(steps, 2)),
+        solver="kfac",
+        curvature="fisher",
+        **kwargs,
+    )
+
+
 def optimizers(workload):
     fixed = dict(solver="kfac", adaptive_damping=False, kfac_rescale=False)
     fisher = dict(solver="kfac", curvature="fisher")
@@ -216,12 +227,7 @@ def optimizers(workload):
             "KFAC Fisher, LM + cosine lr",
             "kfac_every",
             (1, 5, 20),
-            lambda v, s: gn(
-                workload,
-                learning_rate=optax.cosine_decay_schedule(1.0, max(s, 2)),
-                kfac_every=v,
-                **fisher,
-            ),
+            lambda v, s: kfac_cosine(workload, s, kfac_every=v),
         ),
         (
             "KFAC Fisher, LM + adaptive momentum",
@@ -332,8 +338,10 @@ def step_memory(step, model, state, key):
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 
-def run(workload, factory, value, seed, steps_hint=None):
-    """Train for the budget; returns the evaluation curve and rates."""
+def run(workload, factory, value, seed, steps_hint=None, count_accepted=False):
+    """Train for the budget; returns the evaluation curve and rates, and with
+    `count_accepted` the fraction of accepted steps and the final damping (a
+    device-side sum per step: slightly slower steps)."""
     model = workload.model(jax.random.key(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 100), 1_000_000))
     probe_opt, curvature = factory(value, 1000)
@@ -354,11 +362,13 @@ def run(workload, factory, value, seed, steps_hint=None):
     state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     jax.block_until_ready(step(model, state, next(keys))[2])  # compile
     curve = [(0.0, float(workload.validate(model)))]
-    elapsed, steps, chunk = 0.0, 0, 1
+    elapsed, steps, chunk, accepted = 0.0, 0, 1, 0
     while elapsed < workload.budget:
         start = time.perf_counter()
         for _ in range(chunk):
             model, state, loss = step(model, state, next(keys))
+            if count_accepted:  # a device-side sum, no host sync
+                accepted = accepted + optax.tree.get(state, "accepted")
         jax.block_until_ready(loss)
         elapsed += time.perf_counter() - start
         steps += chunk
@@ -369,12 +379,16 @@ def run(workload, factory, value, seed, steps_hint=None):
         chunk = max(1, int(rate * workload.budget / 40))
     jax.clear_caches()  # hundreds of runs: free their compiled programs
     print(f"    run {value} seed {seed}: final {curve[-1][1]:.4g}", flush=True)
-    return {
+    result = {
         "curve": curve,
         "steps_per_s": steps / elapsed,
         "memory": memory,
         "final": curve[-1][1],
     }
+    if count_accepted:  # the Levenberg-Marquardt rule's record
+        result["accepted"] = float(accepted) / steps
+        result["damping"] = float(optax.tree.get(state, "damping"))
+    return result
 
 
 def value_at(curve, t):
@@ -580,27 +594,21 @@ def floors(workload):
     fractions = (0.1, 0.2, 0.4, 0.5, 0.75, 1.0)
     print(f"\n### {workload.name}: {workload.metric}, budget {workload.budget:.0f} s\n")
     marks = " | ".join(f"at {f * workload.budget:.0f} s" for f in fractions)
-    print(f"| kfac_damping_floor | seed | steps/s | {marks} |")
-    print("|---|---|---|" + "---|" * len(fractions))
+    print(f"| kfac_damping_floor | seed | steps/s | accepted | final λ | {marks} |")
+    print("|---|---|---|---|---|" + "---|" * len(fractions))
 
     def factory(floor, steps):
-        return gn(
-            workload,
-            learning_rate=optax.cosine_decay_schedule(1.0, max(steps, 2)),
-            solver="kfac",
-            curvature="fisher",
-            kfac_every=5,
-            kfac_damping_floor=floor,
-        )
+        return kfac_cosine(workload, steps, kfac_every=5, kfac_damping_floor=floor)
 
     for floor in (0.0, 0.01, 0.1, 1.0):
         for seed in (0, 1):
-            r = run(workload, factory, floor, seed)
+            r = run(workload, factory, floor, seed, count_accepted=True)
             values = " | ".join(
                 f"{value_at(r['curve'], f * workload.budget):.4g}" for f in fractions
             )
             print(
-                f"| {floor:g} | {seed} | {r['steps_per_s']:.1f} | {values} |",
+                f"| {floor:g} | {seed} | {r['steps_per_s']:.1f} | "
+                f"{r['accepted']:.1%} | {r['damping']:.2g} | {values} |",
                 flush=True,
             )
 
