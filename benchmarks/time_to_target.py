@@ -506,13 +506,21 @@ def ratio_text(time, adam_time):
     return f"{time / adam_time:.2f}x"
 
 
+def best_of_three(work):
+    """The fastest of three timed calls of `work()`, which returns what to wait
+    for. Callers warm up first: the first calls after a compile run slower."""
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(work())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def mean_time(function, *args, repeats=10):
-    jax.block_until_ready(function(*args))  # compile
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = function(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
+    for _ in range(3):  # the compile and two warm-up calls
+        jax.block_until_ready(function(*args))
+    return best_of_three(lambda: [function(*args) for _ in range(repeats)]) / repeats
 
 
 def costs(workload):
@@ -575,23 +583,19 @@ def costs(workload):
         print(f"| {name} | {1e3 * seconds:.1f} |")
 
     def step_time(opt, curvature):
-        """The best of 3 runs of 40 steps (every refresh period included), after
-        20 warm-up steps: the first steps after a compile run slower."""
+        """A step's time over 40 steps (every refresh period included), after 20
+        warm-up steps; see `best_of_three`."""
         step = make_step(workload, opt, curvature)
-        state = opt.init(eqx.filter(model, eqx.is_inexact_array))
         keys = iter(jax.random.split(jax.random.key(3), 141))
-        m, s = model, state
-        for _ in range(20):
-            m, s, loss = step(m, s, next(keys))
-        jax.block_until_ready(loss)
-        best = math.inf
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(40):
-                m, s, loss = step(m, s, next(keys))
-            jax.block_until_ready(loss)
-            best = min(best, (time.perf_counter() - start) / 40)
-        return best
+        carry = [model, opt.init(eqx.filter(model, eqx.is_inexact_array))]
+
+        def steps(count):
+            for _ in range(count):
+                carry[0], carry[1], loss = step(*carry, next(keys))
+            return loss
+
+        jax.block_until_ready(steps(20))
+        return best_of_three(lambda: steps(40)) / 40
 
     adam = step_time(optax.adamw(3e-3), None)
     cheap = dict(adaptive_damping=False, kfac_rescale=False, damping=0.1)
