@@ -16,7 +16,8 @@ validation value) is run again on seeds 1 and 2 (`--seeds`). The target of a
 workload is tuned AdamW's validation value at half the budget (seed 0); an
 optimizer's time to target is the training time (evaluations excluded) of its
 first evaluation at or below it, reported per seed, over AdamW's time on the same
-seed, and as the median and the worst of those ratios. Also reported: steps per
+seed, and as the median and the worst of those ratios; also the steps to target
+over AdamW's (median), which a slow spell of the machine does not move, steps per
 second and the step's XLA memory (arguments, outputs and temporaries of the
 compiled step).
 
@@ -30,6 +31,16 @@ row (a damping floor, longer steps, faster factors, adaptive momentum); `--large
 replaces the workloads by the transformer at width 512, 6 layers and 8 heads with
 10 s runs (for a GPU).
 """
+
+import os
+
+
+# KFAC's eigendecompositions call LAPACK, whose OpenBLAS threads compete with
+# XLA's own on a small CPU: on 2 cores a refresh of the transformer's inverses
+# took 58 ms inside the jitted step with OpenBLAS's default threads and 13 ms with
+# one (see docs/benchmarks.md). Set before numpy and jax load OpenBLAS; an
+# OPENBLAS_NUM_THREADS already set wins. AdamW and Muon make no LAPACK calls.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import dataclasses
@@ -353,7 +364,6 @@ def run(workload, factory, value, seed, steps_hint=None, count_accepted=False):
     # Estimate the budget's steps (for AdamW's schedule) from a short timing.
     step = make_step(workload, probe_opt, curvature)
     state = probe_opt.init(eqx.filter(model, eqx.is_inexact_array))
-    memory = step_memory(step, model, state, next(keys))
     if steps_hint is None:
         m, s, loss = step(model, state, next(keys))
         jax.block_until_ready(loss)
@@ -367,6 +377,7 @@ def run(workload, factory, value, seed, steps_hint=None, count_accepted=False):
     state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     jax.block_until_ready(step(model, state, next(keys))[2])  # compile
     curve = [(0.0, float(workload.validate(model)))]
+    counts = [0]  # the steps taken at each evaluation of `curve`
     elapsed, steps, chunk, accepted = 0.0, 0, 1, 0
     while elapsed < workload.budget:
         start = time.perf_counter()
@@ -379,13 +390,20 @@ def run(workload, factory, value, seed, steps_hint=None, count_accepted=False):
         steps += chunk
         value_now = float(workload.validate(model))
         curve.append((elapsed, value_now if math.isfinite(value_now) else math.inf))
+        counts.append(steps)
         # About 40 evaluations over the budget.
         rate = steps / elapsed
         chunk = max(1, int(rate * workload.budget / 40))
+    # After the timed steps: on the CPU, `memory_analysis` of a step that holds a
+    # host callback (the warning's) made the later calls of the same compiled
+    # step up to 1.35x faster (2026-12-05, jax 0.10.2), a speed a user's plain
+    # `jit` does not get; measured before the run, it flattered KFAC's steps/s.
+    memory = step_memory(step, model, state, next(keys))
     jax.clear_caches()  # hundreds of runs: free their compiled programs
     print(f"    run {value} seed {seed}: final {curve[-1][1]:.4g}", flush=True)
     result = {
         "curve": curve,
+        "steps": counts,
         "steps_per_s": steps / elapsed,
         "memory": memory,
         "final": curve[-1][1],
@@ -406,6 +424,21 @@ def time_to(curve, target):
         if v <= target:
             return t
     return math.inf
+
+
+def steps_to(result, target):
+    """The steps taken by the first evaluation at or below `target`."""
+    for (_, v), steps in zip(result["curve"], result["steps"], strict=True):
+        if v <= target:
+            return steps
+    return math.inf
+
+
+def median_ratio(values, adam_values):
+    """The median over seeds of `values` over AdamW's on the same seed, over the
+    seeds on which AdamW reached the target (`None` if it never did)."""
+    ratios = [v / a for v, a in zip(values, adam_values, strict=True) if a < math.inf]
+    return float(np.median(ratios)) if ratios else None
 
 
 def benchmark(workload, print_row, cache, only=None, seeds=3):
@@ -457,6 +490,7 @@ def report(workload, results, target):
     adam = results["AdamW (warmup-cosine)"]
     adam_rate = np.mean([r["steps_per_s"] for r in adam["seeds"]])
     adam_times = [time_to(r["curve"], target) for r in adam["seeds"]]
+    adam_steps = [steps_to(r, target) for r in adam["seeds"]]
     seeds = ", ".join(str(i) for i in range(len(adam["seeds"])))
     print(
         f"\n### {workload.name}: {workload.metric}, budget {workload.budget:.0f} s, "
@@ -465,12 +499,13 @@ def report(workload, results, target):
     print(
         "| optimizer | best setting | grid (final, seed 0) | steps/s | step time / "
         f"AdamW's | step memory (MB) | final (seeds {seeds}) | time to target (s) "
-        "| / AdamW's on the same seed | median, worst |"
+        "| / AdamW's on the same seed | median, worst | steps to target / AdamW's "
+        "(median) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         if "error" in r:
-            print(f"| {label} | ValueError: {r['error']} | | | | | | | | |")
+            print(f"| {label} | ValueError: {r['error']} | | | | | | | | | |")
             continue
         rate = np.mean([s["steps_per_s"] for s in r["seeds"]])
         times = [time_to(s["curve"], target) for s in r["seeds"]]
@@ -486,6 +521,10 @@ def report(workload, results, target):
                 for x in (float(np.median(ratios)), max(ratios))
             )
         )
+        steps = median_ratio([steps_to(s, target) for s in r["seeds"]], adam_steps)
+        steps = (
+            "" if steps is None else ("never" if math.isinf(steps) else f"{steps:.2f}x")
+        )
         grid = ", ".join(f"{v:g}: {f:.3g}" for v, f in r["grid"])
         finals = ", ".join(f"{s['final']:.4g}" for s in r["seeds"])
         fmt = lambda t: "never" if math.isinf(t) else f"{t:.1f}"
@@ -493,7 +532,7 @@ def report(workload, results, target):
             f"| {label} | {r['name']}={r['best']:g} | {grid} | {rate:.1f} | "
             f"{adam_rate / rate:.2f}x | {r['seeds'][0]['memory'] / 1e6:.0f} | "
             f"{finals} | {', '.join(fmt(t) for t in times)} | "
-            f"{', '.join(ratio)} | {summary} |"
+            f"{', '.join(ratio)} | {summary} | {steps} |"
         )
 
 
