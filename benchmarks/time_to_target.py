@@ -36,10 +36,11 @@ import os
 
 
 # KFAC's eigendecompositions call LAPACK, whose OpenBLAS threads compete with
-# XLA's own on a small CPU: on 2 cores a refresh of the transformer's inverses
-# took 58 ms inside the jitted step with OpenBLAS's default threads and 13 ms with
-# one (see docs/benchmarks.md). Set before numpy and jax load OpenBLAS; an
-# OPENBLAS_NUM_THREADS already set wins. AdamW and Muon make no LAPACK calls.
+# XLA's own on a small CPU: on 2 cores the transformer's eigendecompositions took
+# 18.3 ms with OpenBLAS's default threads and 10.7 ms with one, and a step that
+# refreshes them every time 3.65x an AdamW step against 2.34x (docs/benchmarks.md,
+# session 16). Set before numpy and jax load OpenBLAS; an OPENBLAS_NUM_THREADS
+# already set wins. AdamW and Muon make no LAPACK calls.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
