@@ -435,11 +435,15 @@ def steps_to(result, target):
     return math.inf
 
 
-def median_ratio(values, adam_values):
-    """The median over seeds of `values` over AdamW's on the same seed, over the
-    seeds on which AdamW reached the target (`None` if it never did)."""
-    ratios = [v / a for v, a in zip(values, adam_values, strict=True) if a < math.inf]
-    return float(np.median(ratios)) if ratios else None
+def ratios_to_adam(values, adam_values):
+    """Each seed's value (a time or a step count to target) over AdamW's on the
+    same seed, over the seeds on which AdamW reached the target ("never" is
+    infinite)."""
+    return [v / a for v, a in zip(values, adam_values, strict=True) if a < math.inf]
+
+
+def ratio_cell(ratio):
+    return "never" if math.isinf(ratio) else f"{ratio:.2f}x"
 
 
 def benchmark(workload, print_row, cache, only=None, seeds=3):
@@ -510,22 +514,15 @@ def report(workload, results, target):
             continue
         rate = np.mean([s["steps_per_s"] for s in r["seeds"]])
         times = [time_to(s["curve"], target) for s in r["seeds"]]
-        pairs = list(zip(times, adam_times, strict=True))
-        ratio = [ratio_text(t, a) for t, a in pairs]
-        # Over the seeds on which AdamW reached the target; "never" is infinite.
-        ratios = [t / a for t, a in pairs if math.isfinite(a)]
-        summary = (
-            ""
-            if not ratios
-            else ", ".join(
-                "never" if math.isinf(x) else f"{x:.2f}x"
-                for x in (float(np.median(ratios)), max(ratios))
-            )
+        ratio = [ratio_text(t, a) for t, a in zip(times, adam_times, strict=True)]
+        ratios = ratios_to_adam(times, adam_times)
+        summary = ", ".join(
+            ratio_cell(x) for x in ((np.median(ratios), max(ratios)) if ratios else ())
         )
-        steps = median_ratio([steps_to(s, target) for s in r["seeds"]], adam_steps)
-        steps = (
-            "" if steps is None else ("never" if math.isinf(steps) else f"{steps:.2f}x")
+        step_ratios = ratios_to_adam(
+            [steps_to(s, target) for s in r["seeds"]], adam_steps
         )
+        steps = ratio_cell(np.median(step_ratios)) if step_ratios else ""
         grid = ", ".join(f"{v:g}: {f:.3g}" for v, f in r["grid"])
         finals = ", ".join(f"{s['final']:.4g}" for s in r["seeds"])
         fmt = lambda t: "never" if math.isinf(t) else f"{t:.1f}"
