@@ -1301,7 +1301,13 @@ def scale_by_gauss_newton(
         grow the damping 2^36-fold (7e10): healthy runs measured in
         `docs/benchmarks.md` needed at most 7, on noisy mini-batches, and at
         most 4 on full batches. It names the causes it measured. The host is
-        called only then.
+        called only then, but the callback's presence costs every step: JAX
+        dispatches a compiled program that holds a host callback through its
+        Python path, never its C++ fast path (jax-ml/jax#39289), which adds
+        time per array in the step's arguments and outputs. With short steps
+        on a CPU that is a large share of a step (`docs/kfac.md`); there
+        `warn=False` removes the callback, and `state.rejected_steps` still
+        counts the failed steps in a row.
     - `axis_name`: inside `jax.shard_map` (or `pmap`), the mapped axis that splits
         the batch over devices; see [`eqx_ggn.curvature_operator`][]. The loss,
         the gradient and every product are then summed over the shards, so every
