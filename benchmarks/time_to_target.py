@@ -429,6 +429,7 @@ def value_at(curve, t):
 
 
 def time_to(curve, target):
+    """The first `t` of `curve`'s `(t, value)` pairs with `value <= target`."""
     for t, v in curve:
         if v <= target:
             return t
@@ -437,10 +438,8 @@ def time_to(curve, target):
 
 def steps_to(result, target):
     """The steps taken by the first evaluation at or below `target`."""
-    for (_, v), steps in zip(result["curve"], result["steps"], strict=True):
-        if v <= target:
-            return steps
-    return math.inf
+    values = [v for _, v in result["curve"]]
+    return time_to(zip(result["steps"], values, strict=True), target)
 
 
 def ratios_to_adam(values, adam_values):
@@ -548,7 +547,7 @@ def ratio_text(time, adam_time):
         return "never"
     if math.isinf(adam_time):
         return "(AdamW never)"
-    return f"{time / adam_time:.2f}x"
+    return ratio_cell(time / adam_time)
 
 
 def best_of_three(work):
