@@ -281,10 +281,12 @@ def _check_maxiter(cg_maxiter: Any) -> None:
         )
 
 
+# In the order they are named: a damping that is NaN or Inf comes first, since
+# the state reset to `init` then holds it too.
 _NON_FINITE = (
+    "the damping is NaN or Inf",
     "the optimizer state (damping, warm start, diagonal or momentum) holds NaN or "
     "Inf, e.g. from a corrupted checkpoint; it was reset",
-    "the damping is NaN or Inf",
     "the batch holds NaN or Inf",
     "the model's predictions hold NaN or Inf (the batch is finite)",
     "the loss is NaN or Inf (the batch and the predictions are finite)",
@@ -294,6 +296,7 @@ _NON_FINITE = (
 
 
 def _raise_if_not_finite(
+    result: PyTree,
     direction: PyTree,
     state_finite: Bool[Array, ""],
     damping: Float[Array, ""],
@@ -301,15 +304,19 @@ def _raise_if_not_finite(
     op: CurvatureOperator,
     updates: PyTree,
 ) -> PyTree:
-    """`eqx.branched_error_if` naming the first non-finite quantity of a step.
+    """`result` through an `eqx.branched_error_if` naming the first non-finite
+    quantity of a step.
 
+    The check rides on what the step returns, not on the direction: a direction
+    known at compile time to be rejected (a damping that is a NaN constant) is
+    dead code, and its check with it.
     With a mapped batch axis, a cause found on any shard counts on every shard.
     """
     floating = [x for x in jax.tree.leaves(batch) if eqx.is_inexact_array(x)]
     bad = jnp.stack(
         [
-            ~state_finite,
             ~jnp.isfinite(damping),
+            ~state_finite,
             ~tree_all_finite(floating),
             ~tree_all_finite(op.predictions),
             ~jnp.isfinite(op.loss),
@@ -320,7 +327,7 @@ def _raise_if_not_finite(
     if op.axis_name is not None:
         bad = jax.lax.pmax(bad.astype(jnp.int32), op.axis_name).astype(bool)
     message = ["eqx_ggn.scale_by_gauss_newton (throw=True): " + m for m in _NON_FINITE]
-    return eqx.branched_error_if(direction, jnp.any(bad), jnp.argmax(bad), message)
+    return eqx.branched_error_if(result, jnp.any(bad), jnp.argmax(bad), message)
 
 
 def _reset_non_finite(
@@ -998,29 +1005,19 @@ def _buffers(
     return step, buffer, solution
 
 
-def _checked_direction(
-    config: _Config,
-    solved: _Solve,
+def _is_finite_step(
+    direction: PyTree,
     updates: PyTree,
     op: CurvatureOperator,
     damping: Float[Array, ""],
-    state_finite: Bool[Array, ""],
-    batch: dict[str, Any],
-) -> tuple[PyTree, Bool[Array, ""]]:
-    """The solved direction, whether the step's inputs and result are finite,
-    and with `throw` an error naming the first non-finite one."""
-    direction = solved.result.value
-    finite = (
+) -> Bool[Array, ""]:
+    """Whether the step's inputs and its solved direction are finite."""
+    return (
         tree_all_finite(direction)
         & tree_all_finite(updates)
         & jnp.isfinite(op.loss)
         & jnp.isfinite(damping)
     )
-    if config.throw:
-        direction = _raise_if_not_finite(
-            direction, state_finite, damping, batch, op, updates
-        )
-    return direction, finite
 
 
 def _next_state(
@@ -1449,9 +1446,8 @@ def scale_by_gauss_newton(
             kfac_inverse_every,
             kl_clip,
         )
-        direction, finite = _checked_direction(
-            config, solved, updates, op, solve_lam, state_finite, batch
-        )
+        direction = solved.result.value
+        finite = _is_finite_step(direction, updates, op, solve_lam)
         loss_scale = jnp.maximum(state.loss_scale, jnp.abs(op.loss))
         control = _control_step(
             config,
@@ -1505,7 +1501,12 @@ def scale_by_gauss_newton(
             (solution, diagonal, momentum_buffer, kfac),
         )
         zeros = jax.tree.map(jnp.zeros_like, step)
-        return tree_where(control.accepted, step, zeros), new_state
+        step = tree_where(control.accepted, step, zeros)
+        if config.throw:
+            step = _raise_if_not_finite(
+                step, solved.result.value, state_finite, solve_lam, batch, op, updates
+            )
+        return step, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

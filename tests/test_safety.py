@@ -300,3 +300,18 @@ def test_non_finite_injected_damping_rejects_the_step_or_is_named():
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     with pytest.raises(Exception, match="the damping is NaN or Inf"):
         jax.block_until_ready(update(make(True)))
+
+
+def test_throw_names_a_damping_that_is_a_nan_constant_under_jit():
+    # Closed over by `jit`, the NaN is a compile-time constant: the rejected
+    # direction is dead code, and a check attached to it would vanish with it.
+    model_fn, params, batch = _linear()
+    grads = _grads(model_fn, params, batch)
+    opt = eqx_ggn.gauss_newton(
+        1.0, loss_fn="mse", damping=jnp.asarray(jnp.nan), cg_maxiter=5, throw=True
+    )
+    update = jax.jit(
+        lambda g, s, p: opt.update(g, s, p, model_fn=model_fn, batch=batch)
+    )
+    with pytest.raises(Exception, match="the damping is NaN or Inf"):
+        jax.block_until_ready(update(grads, opt.init(params), params))
