@@ -43,6 +43,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._batching import vary_over_shards
+from ._conv import with_matmul_convs
 from ._jacobian import check_jac
 from ._losses import LossFn, loss_hessian_root, resolve_loss
 
@@ -343,7 +344,8 @@ class _Tap(eqx.Module):
         return getattr(self.layer, name)
 
     def __call__(self, x, *args, **kwargs):
-        y = self.layer(x, *args, **kwargs)
+        # Computed under a `lax.cond` (`kfac_every`): see `_conv.py`.
+        y = with_matmul_convs(self.layer)(x, *args, **kwargs)
         return _observe(self.layer, self.layout, self.bias, x, y, self.probe)
 
 

@@ -13,7 +13,7 @@ from ._estimators import hutchinson_trace, top_eigenvalues
 from ._jacobian import Jac, check_jac
 from ._losses import LossFn, resolve_loss
 from ._operator import CURVATURES, AxisName, Curvature, curvature_operator
-from ._partition import as_model_fn
+from ._partition import module_fn
 
 
 class CurvatureMetrics(NamedTuple):
@@ -214,7 +214,7 @@ class CurvatureMonitor(eqx.Module):
         if model_fn is None:
             if model is None:
                 raise ValueError("CurvatureMonitor needs model_fn=... or model=....")
-            model_fn = as_model_fn(model)
+            model_fn = module_fn(model)
         step = jnp.asarray(step, jnp.int32)
 
         def compute(_):

@@ -19,7 +19,7 @@ from ._batching import (
 from ._checks import check_data, check_like, check_params
 from ._jacobian import Jac, Jacobian, check_jac, linearize
 from ._losses import LossFn, check_target, resolve_loss
-from ._partition import as_model_fn, partition
+from ._partition import module_fn, partition
 from ._tree import tree_dot
 
 
@@ -556,7 +556,7 @@ def curvature_operator(
                 "Pass either `model` or `model_fn` and `params`, not both."
             )
         params, static = partition(model)
-        model_fn = as_model_fn(static)
+        model_fn = module_fn(static)
     if model_fn is None or params is None:
         raise ValueError(
             "curvature_operator needs `model_fn` and `params`, or an Equinox `model=`."

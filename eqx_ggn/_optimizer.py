@@ -35,7 +35,7 @@ from ._operator import (
     curvature_operator,
     objective_value,
 )
-from ._partition import as_model_fn
+from ._partition import module_fn
 from ._solvers import SOLVER_CODES, SOLVERS, resolve_solver, solve_with
 from ._step_control import (
     DAMPING_RULES,
@@ -915,11 +915,11 @@ def _model_fn_for_step(
     if model_fn is not None:
         return model_fn
     # With `model=`, the `params` take precedence over its leaves.
-    module_fn = as_model_fn(model)
+    call_module = module_fn(model)
 
     def checked_model_fn(*, input: Any, params: PyTree) -> Any:  # noqa: A002
         try:
-            return module_fn(input=input, params=params)
+            return call_module(input=input, params=params)
         except TypeError as error:
             if "'NoneType' object is not callable" not in str(error):
                 raise

@@ -6,6 +6,8 @@ from typing import Any
 import equinox as eqx
 from jaxtyping import PyTree
 
+from ._conv import with_matmul_convs
+
 
 def partition(
     model: PyTree, filter_spec: Any = eqx.is_inexact_array
@@ -73,5 +75,16 @@ def as_model_fn(static: PyTree) -> Callable[..., Any]:
 
     def model_fn(*, input: Any, params: PyTree) -> Any:  # noqa: A002
         return eqx.combine(params, static)(input)
+
+    return model_fn
+
+
+def module_fn(static: PyTree) -> Callable[..., Any]:
+    """`as_model_fn(static)` for eqx_ggn's own programs, whose products run inside
+    loops (CG's): on a CPU each convolution is evaluated as matrix products (see
+    `_conv.py`), the same function up to rounding."""
+
+    def model_fn(*, input: Any, params: PyTree) -> Any:  # noqa: A002
+        return with_matmul_convs(eqx.combine(params, static))(input)
 
     return model_fn

@@ -11,6 +11,7 @@ from helpers import (
     log_cosh_loss,
     make_problem,
     operator_matrix,
+    to_f64,
 )
 from jax.flatten_util import ravel_pytree
 
@@ -250,3 +251,63 @@ def test_cross_entropy_hessian_per_token():
     labels = jnp.array([0, 3, 1])
     dense = jax.hessian(eqx_ggn.cross_entropy_loss)(logits, labels).reshape(12, 12)
     assert_rel_close(hmv(jv, pred=logits, target=labels).ravel(), dense @ jv.ravel())
+
+
+class _Convs(eqx.Module):
+    """Conv1d, Conv2d and Conv3d branches with string, asymmetric and reflect
+    padding, strides, dilation and no bias; and a grouped convolution, which is
+    left as it is."""
+
+    c1: eqx.nn.Conv
+    c2: eqx.nn.Conv
+    c3: eqx.nn.Conv
+    grouped: eqx.nn.Conv
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k = jax.random.split(key, 5)
+        self.c1 = eqx.nn.Conv1d(2, 3, 3, stride=2, padding="SAME", key=k[0])
+        self.c2 = eqx.nn.Conv2d(
+            2, 2, (2, 3), padding=((1, 0), (2, 1)), dilation=(2, 1), key=k[1]
+        )
+        self.c3 = eqx.nn.Conv3d(
+            2, 2, 2, padding=1, padding_mode="REFLECT", use_bias=False, key=k[2]
+        )
+        self.grouped = eqx.nn.Conv1d(2, 2, 2, groups=2, key=k[3])
+        self.head = eqx.nn.Linear(212, 2, key=k[4])
+
+    def __call__(self, x):  # x: (2, 4, 5)
+        parts = [
+            self.c1(x.reshape(2, 20)),
+            self.c2(x),
+            self.c3(x.reshape(2, 2, 2, 5)),
+            self.grouped(x.reshape(2, 20)),
+        ]
+        return self.head(jnp.tanh(jnp.concatenate([p.reshape(-1) for p in parts])))
+
+
+def test_convolutions_as_matmuls_match_the_convolutions():
+    """On a CPU, eqx_ggn's own programs evaluate `eqx.nn.Conv` as matrix products
+    over the kernel's offsets (fast inside CG's loop): each layer equals its
+    convolution, and the operator built from `model=` equals the dense GGN and
+    gradient of the unchanged model."""
+    from eqx_ggn._conv import _MatmulConv, conv_as_matmuls, with_matmul_convs
+
+    model = to_f64(_Convs(jax.random.key(0)))
+    kx, ky = jax.random.split(jax.random.key(1))
+    data = {
+        "input": jax.random.normal(kx, (5, 2, 4, 5)),
+        "target": jax.random.normal(ky, (5, 2)),
+    }
+    x = data["input"][0]
+    inputs = [x.reshape(2, 20), x, x.reshape(2, 2, 2, 5)]
+    for layer, xi in zip([model.c1, model.c2, model.c3], inputs, strict=True):
+        assert_rel_close(conv_as_matmuls(layer, xi), layer(xi), 1e-12)
+    swapped = with_matmul_convs(model)
+    assert isinstance(swapped.c2, _MatmulConv) == (jax.default_backend() == "cpu")
+    assert isinstance(swapped.grouped, eqx.nn.Conv)  # groups=2: unchanged
+    params, static = eqx_ggn.partition(model)
+    ref = dense_curvatures(eqx_ggn.as_model_fn(static), params, data, "mse", 0.2)
+    op = eqx_ggn.curvature_operator(model=model, data=data, loss_fn="mse")
+    assert_rel_close(operator_matrix(op), ref["ggn"], 1e-10)
+    assert_rel_close(ravel_pytree(op.grad)[0], ref["grad"], 1e-10)
