@@ -481,7 +481,11 @@ def curvature_operator(
         a callable `loss(pred, target) -> scalar` for one sample.
     - `model`: an Equinox module, instead of `model_fn` and `params`; it is split
         with [`eqx_ggn.partition`][] (all floating-point arrays are trained), and
-        `grad`/products are then pytrees like that `params`.
+        `grad`/products are then pytrees like that `params`. On a CPU its
+        `eqx.nn.Conv` layers (`groups=1`) are evaluated as matrix products with
+        the input's strided slices, the same function up to rounding: XLA runs
+        convolutions inside a loop, such as CG's, far slower than outside one
+        (see "Choosing a solver" in the docs).
     - `curvature`: which matrix, see above.
     - `factor`: the scalar in front of the sum; defaults to `1/batch_size`.
     - `loss_hessian_mv`: `loss_hessian_mv(jv, *, pred, target)` to replace the loss
