@@ -306,6 +306,13 @@ def test_convolutions_as_matmuls_match_the_convolutions():
     swapped = with_matmul_convs(model)
     assert isinstance(swapped.c2, _MatmulConv) == (jax.default_backend() == "cpu")
     assert isinstance(swapped.grouped, eqx.nn.Conv)  # groups=2: unchanged
+
+    class Standardized(eqx.nn.Conv1d):  # its own __call__: kept as it is
+        def __call__(self, x, *, key=None):
+            return 2 * super().__call__(x)
+
+    own = Standardized(2, 2, 2, key=jax.random.key(2))
+    assert with_matmul_convs(own) is own
     params, static = eqx_ggn.partition(model)
     ref = dense_curvatures(eqx_ggn.as_model_fn(static), params, data, "mse", 0.2)
     op = eqx_ggn.curvature_operator(model=model, data=data, loss_fn="mse")
