@@ -5,11 +5,13 @@ no host round trip) and calls the host only when a warning is due, from inside a
 `lax.cond`.
 """
 
+import functools
 import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, PyTree
 
 from ._losses import LossFn
@@ -169,14 +171,16 @@ def _message(
     )
 
 
-def _warn_on_host(loss_fn: str, max_damping: float, *values: Any) -> None:
+def _warn_on_host(loss_fn: str, due: Any, max_damping: Any, *values: Any) -> Any:
+    if not due:  # under `vmap` the `lax.cond` becomes a select: every step calls
+        return np.bool_(False)
     rejected, damping, accepted_damping, *flags = (x.item() for x in values)
     mismatch, probs, labels, non_finite = flags
     message = _message(
         int(rejected),
         float(damping),
         float(accepted_damping),
-        max_damping,
+        float(max_damping),
         loss_fn,
         float(mismatch),
         bool(probs),
@@ -184,6 +188,7 @@ def _warn_on_host(loss_fn: str, max_damping: float, *values: Any) -> None:
         bool(non_finite),
     )
     warnings.warn(message, GaussNewtonWarning, stacklevel=2)
+    return np.bool_(True)
 
 
 def warn_if(
@@ -194,19 +199,35 @@ def warn_if(
     damping: Array,
     accepted_damping: Array,
     diagnostics: StepDiagnostics,
-) -> None:
-    """Emit one [`GaussNewtonWarning`][eqx_ggn.GaussNewtonWarning] when `due`.
+) -> Bool[Array, ""]:
+    """Emit one [`GaussNewtonWarning`][eqx_ggn.GaussNewtonWarning] when `due`;
+    return whether it was emitted (`due`).
 
-    The host is called only on that step: the callback sits in a `lax.cond`.
+    The host is called only on that step: the callback sits in a `lax.cond`. It
+    is a `jax.pure_callback` whose result the caller keeps in the optimizer's
+    state, so it is not dropped: a `jax.debug.callback` is an effect, and a
+    compiled program with an effect loses JAX's C++ dispatch path, which cost
+    every call of a user's jitted step about 2.6 ms on a CPU for 200 leaves
+    (jax 0.10.2), healthy steps included.
     """
     name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__name__", "?")
     values = (rejected, damping, accepted_damping, *diagnostics)
 
-    def emit(max_damping, values):
-        jax.debug.callback(
-            lambda *v: _warn_on_host(name, float(v[0]), *v[1:]), max_damping, *values
+    def emit(due, max_damping, values):
+        return jax.pure_callback(
+            functools.partial(_warn_on_host, name),
+            jax.ShapeDtypeStruct((), jnp.bool_),
+            due,
+            max_damping,
+            *values,
+            vmap_method="sequential",
         )
 
-    jax.lax.cond(
-        due, emit, lambda *_: None, jnp.asarray(max_damping, jnp.float32), values
+    return jax.lax.cond(
+        due,
+        emit,
+        lambda *_: jnp.asarray(False),
+        due,
+        jnp.asarray(max_damping, jnp.float32),
+        values,
     )

@@ -967,7 +967,7 @@ def _warn_on_failures(
         stalled |= (control.damping >= max_damping) & (state.damping < max_damping)
     due = (stalled | ((rejected_steps == 1) & is_definite(diagnostics))) & failed
     due &= ~state.warned
-    warn_if(
+    emitted = warn_if(
         due,
         config.loss_fn,
         max_damping,
@@ -976,7 +976,7 @@ def _warn_on_failures(
         state.accepted_damping,
         diagnostics,
     )
-    return (state.warned | due) & failed
+    return (state.warned | emitted) & failed
 
 
 def _buffers(
@@ -1298,13 +1298,13 @@ def scale_by_gauss_newton(
         grow the damping 2^36-fold (7e10): healthy runs measured in
         `docs/benchmarks.md` needed at most 7, on noisy mini-batches, and at
         most 4 on full batches. It names the causes it measured. The host is
-        called only then, but the callback's presence costs every step: JAX
-        dispatches a compiled program that holds a host callback through its
-        Python path, never its C++ fast path (jax-ml/jax#39289), which adds
-        time per array in the step's arguments and outputs. With short steps
-        on a CPU that is a large share of a step (`docs/kfac.md`); there
-        `warn=False` removes the callback, and `state.rejected_steps` still
-        counts the failed steps in a row.
+        called only then, through a `jax.pure_callback` whose result is the
+        state's `warned` flag: the compiled step holds no effect and keeps
+        JAX's C++ dispatch path (a `jax.debug.callback` would lose it,
+        jax-ml/jax#39289). Its presence still costs a short step on a CPU a
+        little (`docs/kfac.md`); `warn=False` removes it, and
+        `state.rejected_steps` still counts the failed steps in a row. A
+        program that drops the new state drops the warning with it.
     - `axis_name`: inside `jax.shard_map` (or `pmap`), the mapped axis that splits
         the batch over devices; see [`eqx_ggn.curvature_operator`][]. The loss,
         the gradient and every product are then summed over the shards, so every
