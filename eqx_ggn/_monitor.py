@@ -65,7 +65,14 @@ class CurvatureMonitor(eqx.Module):
     - `every`: compute on steps `0, every, 2 * every, ...`.
     - `sink`: `sink(step: int, metrics: dict[str, float])`, called on the host after
         each computation (e.g. `print`, a list's `append`, a CSV writer, a logger).
-        Top eigenvalues arrive as `eig_0`, `eig_1`, ...
+        Top eigenvalues arrive as `eig_0`, `eig_1`, ... It is a
+        `jax.debug.callback` (an effect, so that it runs even when the returned
+        metrics are unused), and a compiled program with an effect never takes
+        JAX's C++ dispatch path: inside a jitted training step every call of
+        the step goes through Python, at a price per array in its arguments and
+        outputs, whether the monitor computes on that step or not.
+        With short steps, call the monitor from a jitted function of its own
+        every `every` steps instead.
     - `curvature`: `"ggn"` (default), `"fisher"`, `"empirical_fisher"`, `"hessian"`.
     - `top_k`: how many top eigenvalues.
     - `num_iters`: Lanczos steps.
