@@ -891,10 +891,11 @@ def update_kfac_state(
     decay: float | Array,
     every: int | Array,
     inverse_every: int | Array,
+    refresh: bool | Array = True,
 ) -> KFACState:
     """Every `every` steps, fold one batch's factors (`statistics()`, run only
-    then) into the running average; every `inverse_every` steps, refresh the
-    eigendecompositions.
+    then) into the running average; every `inverse_every` steps where `refresh`
+    holds (the step uses the inverse), refresh the eigendecompositions.
 
     The `k`-th fold averages with weight `1 - min(decay, 1 - 1/k)` (Martens and
     Grosse 2015): the first batch replaces the zeros, the first `1 / (1 -
@@ -913,6 +914,6 @@ def update_kfac_state(
     due = lambda period: (count % jnp.maximum(jnp.asarray(period), 1)) == 0
     factors = jax.lax.cond(due(every), fold, lambda f: f, state.factors)
     eigen = jax.lax.cond(
-        due(inverse_every), eigendecompose, lambda _: state.eigen, factors
+        due(inverse_every) & refresh, eigendecompose, lambda _: state.eigen, factors
     )
     return KFACState(factors, eigen)

@@ -461,7 +461,8 @@ def _preconditioner(
 
     KFAC: every `kfac_every` steps this batch's factors (at the step's key, for
     the sampled Fisher) join the running average, whose eigendecompositions
-    refresh every `kfac_inverse_every` steps.
+    refresh every `kfac_inverse_every` steps (as CG's preconditioner, only on
+    those that use them).
     """
     if config.preconditioner == "jacobi":
         diagonal, precondition = _jacobi_preconditioner(
@@ -487,6 +488,11 @@ def _preconditioner(
         key=jax.random.fold_in(jax.random.key(0), state.count),
         axis_name=config.axis_name,
     )
+    # As CG's preconditioner, KFAC's inverse is used only while it is on and on
+    # the steps that compare: no eigendecomposition on the others.
+    used = True
+    if config.solver != "kfac":
+        used = state.preconditioned | _comparison_due(state, options.kfac_inverse_every)
     kfac = update_kfac_state(
         state.kfac,
         statistics,
@@ -494,6 +500,7 @@ def _preconditioner(
         options.kfac_decay,
         options.kfac_every,
         options.kfac_inverse_every,
+        refresh=used,
     )
     if config.solver == "kfac" and config.adaptive_damping:
         floor = options.kfac_damping_floor * mean_eigenvalue(kfac.eigen)
@@ -686,11 +693,21 @@ def _adaptive_kfac_cg(
         reference = jnp.where(stale, -1, state.reference_iterations)
         return result, use, reference, state.comparisons_lost
 
+    return jax.lax.cond(
+        _comparison_due(state, inverse_every), compare, keep, state.preconditioned
+    )
+
+
+def _comparison_due(
+    state: ScaleByGaussNewtonState, inverse_every: Any
+) -> Bool[Array, ""]:
+    """Whether `_adaptive_kfac_cg` compares on this step: on the inverse's
+    refresh steps, of which only every `2^k`-th after `k` lost comparisons, and
+    after a stale preconditioned solve."""
     every = jnp.maximum(jnp.asarray(inverse_every), 1)
     backoff = jnp.left_shift(1, state.comparisons_lost)
-    refresh = (state.count % every == 0) & ((state.count // every) % backoff == 0)
-    refresh |= state.reference_iterations < 0
-    return jax.lax.cond(refresh, compare, keep, state.preconditioned)
+    due = (state.count % every == 0) & ((state.count // every) % backoff == 0)
+    return due | (state.reference_iterations < 0)
 
 
 def _rescale_kfac_step(

@@ -641,9 +641,10 @@ def test_kfac_errors(x64):
         op.solve(params, 1.0, solver="kfac")
 
 
-def _cg_iterations(model, batch, loss_fn, preconditioner, steps=8):
+def _cg_iterations(model, batch, loss_fn, preconditioner, steps=8, refreshes=None):
     """Per-step CG iterations, KFAC choices and comparisons KFAC lost in a row,
-    over `steps` Gauss-Newton steps."""
+    over `steps` Gauss-Newton steps; with a list `refreshes`, whether each step
+    changed KFAC's eigendecompositions is appended to it."""
     opt = eqx_ggn.gauss_newton(
         1.0,
         loss_fn=loss_fn,
@@ -659,7 +660,15 @@ def _cg_iterations(model, batch, loss_fn, preconditioner, steps=8):
     step = eqx.filter_jit(lambda m, s: _step(opt, m, batch, s, loss_fn))
     its, used, lost = [], [], []
     for _ in range(steps):
+        before = state[0].kfac
         model, state = step(model, state)
+        if refreshes is not None:
+            pairs = zip(
+                jax.tree.leaves(before.eigen),
+                jax.tree.leaves(state[0].kfac.eigen),
+                strict=True,
+            )
+            refreshes.append(any(not np.array_equal(a, b) for a, b in pairs))
         its.append(int(state[0].cg_iterations))
         used.append(bool(state[0].preconditioned))
         lost.append(int(state[0].comparisons_lost))
@@ -679,10 +688,15 @@ def test_kfac_preconditioner_is_used_only_while_it_pays(x64):
     mlp = eqx.nn.MLP(2, 3, 8, 2, activation=jnp.tanh, key=km)
     batch = {"input": x, "target": y}
     plain, _, _ = _cg_iterations(mlp, batch, "cross_entropy", None, steps=12)
-    kfac, used, lost = _cg_iterations(mlp, batch, "cross_entropy", "kfac", steps=12)
+    refreshes = []
+    kfac, used, lost = _cg_iterations(
+        mlp, batch, "cross_entropy", "kfac", steps=12, refreshes=refreshes
+    )
     assert not any(used), used  # KFAC lost at both comparisons
     assert lost == [1] * 8 + [2] * 4, lost
     compared = np.array([0, 8])
+    # The inverse is refreshed only for the comparisons, not on step 4.
+    assert np.flatnonzero(refreshes).tolist() == compared.tolist(), refreshes
     others = np.setdiff1d(np.arange(12), compared)
     np.testing.assert_array_equal(kfac[others], plain[others])  # plain CG's path
     assert np.all(kfac[compared] > plain[compared])  # both runs counted
