@@ -1238,7 +1238,9 @@ def scale_by_gauss_newton(
         needed at the comparison (a stale inverse) makes the next step compare
         again. After `k` comparisons lost in a row (at most 3), only every
         `2^k`-th refresh compares, so a preconditioner that never pays costs one
-        extra capped solve per 80 steps at the defaults.
+        extra capped solve per 80 steps at the defaults, and its inverse is
+        refreshed only for those comparisons (its factors still every
+        `kfac_every` steps).
         `state.preconditioned` records the choice, `state.comparisons_lost` the
         losses in a row, and `state.cg_iterations` counts both runs on a
         comparison step.
