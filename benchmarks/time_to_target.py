@@ -23,13 +23,15 @@ memory (arguments, outputs and temporaries of the compiled step).
 
     python benchmarks/time_to_target.py [--quick] [--workload NAME]
         [--optimizers PREFIXES] [--seeds N] [--costs] [--warning] [--floors]
-        [--knobs] [--large]
+        [--knobs] [--quarter] [--large]
 
 `--costs` times the pieces of a step on each workload, and whole steps, each
 setting in turns with AdamW; `--warning` times the default KFAC step in turns
 with the same step with `warn=False`; `--floors` runs
 `kfac_damping_floor` over two decades; `--knobs` runs changes to the default KFAC
-row (a damping floor, longer steps, faster factors, adaptive momentum); `--large`
+row (a damping floor, longer steps, faster factors, adaptive momentum);
+`--quarter` measures how well a quarter of the batch estimates the curvature
+term of KFAC's rescaling (what `kfac_rescale_tol` relies on); `--large`
 replaces the workloads by the transformer at width 512, 6 layers and 8 heads with
 10 s runs (for a GPU).
 """
@@ -254,6 +256,15 @@ def optimizers(workload):
             "kfac_every",
             (1, 5, 20),
             lambda v, s: gn(workload, kfac_every=v, warn=False, **fisher),
+        ),
+        (
+            # The rescaling's curvature term from a quarter of the batch when
+            # the quarter's spread pins it to 25%; else the batch's, from a
+            # fresh forward pass of the other three quarters.
+            "KFAC Fisher, LM (kfac_rescale_tol=0.25)",
+            "kfac_every",
+            (1, 5, 20),
+            lambda v, s: gn(workload, kfac_every=v, kfac_rescale_tol=0.25, **fisher),
         ),
         (
             "KFAC Fisher, LM + cosine lr",
@@ -623,6 +634,53 @@ def warning_price(workload, rounds=9):
     )
 
 
+def quarter_errors(workload, steps):
+    """How well every fourth sample estimates the rescaling's curvature term
+    `dᵀ C d` along the default KFAC step `d` (what `kfac_rescale_tol` tests):
+    over `steps` steps of seed 0, the quarter's estimated relative standard
+    error and its actual error against the batch's form, both over
+    `dᵀ(C + λ I)d`; 10th, 50th and 90th percentiles over the accepted steps."""
+    model = workload.model(jax.random.key(0))
+    opt, curvature = gn(workload, solver="kfac", curvature="fisher", kfac_every=5)
+    step = make_step(workload, opt, curvature)
+    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def errors(model, new_model, state, key):
+        batch = workload.batch(key)  # the step's batch: `make_step` draws it so
+        d = jax.tree.map(
+            jnp.subtract,
+            eqx.filter(new_model, eqx.is_inexact_array),
+            eqx.filter(model, eqx.is_inexact_array),
+        )
+        op = eqx_ggn.curvature_operator(
+            model=model,
+            data=batch,
+            loss_fn=workload.loss_fn,
+            curvature=curvature,
+            factor=workload.factor,
+        )
+        n = len(batch["input"])
+        terms = op._sample_forms([d], np.arange(0, n, 4))[:, 0, 0]
+        m = terms.shape[0]
+        norm = sum(jnp.vdot(x, x) for x in jax.tree.leaves(d))
+        damping = optax.tree.get(state, "damping") * norm
+        whole = op.quadratic_form([d])[0, 0] + damping
+        estimated = n / m * jnp.sqrt(m * jnp.var(terms, ddof=1))
+        estimate = n / m * terms.sum() + damping
+        return estimated / estimate, jnp.abs(estimate - whole) / whole
+
+    rows = []
+    for key in jax.random.split(jax.random.key(100), steps):
+        new_model, new_state, _ = step(model, state, key)
+        if bool(optax.tree.get(new_state, "accepted")):
+            rows.append([float(e) for e in errors(model, new_model, state, key)])
+        model, state = new_model, new_state
+    low_mid_high = np.percentile(np.asarray(rows), [10, 50, 90], axis=0).T
+    cells = [", ".join(f"{v:.2f}" for v in row) for row in low_mid_high]
+    print(f"| {workload.name} | {len(rows)} of {steps} | {cells[0]} | {cells[1]} |")
+
+
 def costs(workload):
     """What each KFAC setting costs on a workload: the pieces, and whole steps
     against AdamW's."""
@@ -694,6 +752,8 @@ def costs(workload):
         dict(kfac_every=1),
         dict(kfac_every=5),
         dict(kfac_every=5, warn=False),
+        dict(kfac_every=5, kfac_rescale_tol=0.25),
+        dict(kfac_every=5, kfac_rescale_tol=float("inf")),
         dict(kfac_every=20),
         dict(kfac_every=5, kfac_inverse_every=1),
         dict(kfac_every=5, adaptive_momentum=True),
@@ -806,6 +866,11 @@ def main():
         "--floors", action="store_true", help="the kfac_damping_floor grid only"
     )
     parser.add_argument(
+        "--quarter",
+        action="store_true",
+        help="how well a quarter of the batch estimates KFAC's rescaling only",
+    )
+    parser.add_argument(
         "--knobs", action="store_true", help="changes to the default KFAC row only"
     )
     parser.add_argument(
@@ -851,8 +916,16 @@ def main():
             "\n| workload | default step (ms) | warn=False (ms) | default / warn=False "
             "(median of the pairs) | lowest, highest |\n|---|---|---|---|---|"
         )
+    if args.quarter:
+        print(
+            "\n| workload | accepted steps | estimated error (10th, 50th, 90th "
+            "percentile) | actual error |\n|---|---|---|---|"
+        )
     for workload in workloads:
         if args.workload and workload.name != args.workload:
+            continue
+        if args.quarter:
+            quarter_errors(workload, 150 if workload.name == "transformer" else 300)
             continue
         if args.warning:
             warning_price(workload)

@@ -6,6 +6,7 @@ from typing import Any, Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
@@ -355,6 +356,50 @@ class CurvatureOperator(eqx.Module):
             right = [self._output_hessian(j, pred, target, loss_grads) for j in left]
         form = jnp.stack([jnp.stack([tree_dot(u, w) for w in right]) for u in left])
         return (form + form.T) / 2
+
+    def _sample_forms(
+        self, vectors: list[PyTree], index: np.ndarray
+    ) -> Float[Array, "m k k"]:
+        """Each of the samples `index`'s share of `quadratic_form(vectors)` (of
+        this shard's batch, with the objective's factor), from a fresh
+        linearization of those samples alone: it costs their forward pass and
+        JVPs, and never touches the stored linearization. Needs
+        `vmap_over_data`, `model_fn` and `loss_fn`; not for the Hessian."""
+        data = jax.tree.map(
+            lambda x: x[index], {"input": self.inputs, "target": self.target}
+        )
+        lin = _linearize(
+            self.model_fn,
+            self.params,
+            data,
+            self.loss_fn,
+            self.curvature,
+            self.factor,
+            self.vmap_over_data,
+            self.jac,
+        )
+        vectors = [self._cast("vectors", vector) for vector in vectors]
+        left = [lin.jacobian.jvp(v) for v in vectors]
+        right = [
+            self._output_hessian(j, lin.pred, data["target"], lin.loss_grads)
+            for j in left
+        ]
+
+        def per_sample(u, w):  # (m,): each sample's <u_i, w_i>, in >= float32
+            return sum(
+                jnp.sum(
+                    (x * y)
+                    .astype(jnp.result_type(jnp.float32, x, y))
+                    .reshape(x.shape[0], -1),
+                    axis=1,
+                )
+                for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(w), strict=True)
+            )
+
+        forms = jnp.stack(
+            [jnp.stack([per_sample(u, w) for w in right], -1) for u in left], -2
+        )
+        return (forms + jnp.swapaxes(forms, -1, -2)) / 2
 
     def _product(
         self,

@@ -28,6 +28,7 @@ SPECS = {
     "step": ((REP, SPLIT), (REP, REP)),
     "dense_step": ((REP, SPLIT), (REP, REP)),
     "kfac_step": ((REP, SPLIT), (REP, REP)),
+    "kfac_quarter_step": ((REP, SPLIT), (REP, REP)),
     "monitor": ((REP, SPLIT), (REP, REP)),
 }
 
@@ -94,15 +95,20 @@ def programs(model_fn, static, axis_name=None, jac=None):
         )
         return optax.apply_updates(params, updates), state[0].accepted
 
-    kfac = eqx_ggn.gauss_newton(1.0, loss_fn="cross_entropy", solver="kfac", **mapped)
-
-    def kfac_step(params, batch):  # per-shard factor sums, one psum each
-        grads = jax.grad(loss)(params, batch)
-        model = eqx.combine(params, static)
-        updates, state = kfac.update(
-            grads, kfac.init(params), params, model=model, batch=batch
+    def kfac_program(**kwargs):
+        kfac = eqx_ggn.gauss_newton(
+            1.0, loss_fn="cross_entropy", solver="kfac", **mapped, **kwargs
         )
-        return optax.apply_updates(params, updates), state[0].accepted
+
+        def kfac_step(params, batch):  # per-shard factor sums, one psum each
+            grads = jax.grad(loss)(params, batch)
+            model = eqx.combine(params, static)
+            updates, state = kfac.update(
+                grads, kfac.init(params), params, model=model, batch=batch
+            )
+            return optax.apply_updates(params, updates), state[0].accepted
+
+        return kfac_step
 
     monitor = eqx_ggn.CurvatureMonitor(
         loss_fn="cross_entropy", every=1, top_k=2, **mapped
@@ -117,7 +123,10 @@ def programs(model_fn, static, axis_name=None, jac=None):
         "micro": micro,
         "step": step,
         "dense_step": dense_step,
-        "kfac_step": kfac_step,
+        "kfac_step": kfac_program(),
+        # The rescaling's curvature from every fourth sample of each shard (the
+        # same rows as every fourth of the batch), its spread summed over shards.
+        "kfac_quarter_step": kfac_program(kfac_rescale_tol=float("inf")),
         "monitor": monitored,
     }
 
@@ -155,6 +164,9 @@ def compare(out, single, params):
         "dense_accepted": bool(out["dense_step"][1]) and bool(single["dense_step"][1]),
         "kfac_step": rel(taken(out["kfac_step"][0]), taken(single["kfac_step"][0])),
         "kfac_accepted": bool(out["kfac_step"][1]) and bool(single["kfac_step"][1]),
+        "kfac_quarter_step": rel(
+            taken(out["kfac_quarter_step"][0]), taken(single["kfac_quarter_step"][0])
+        ),
         "lambda_max": rel(out["monitor"][0], single["monitor"][0]),
         "trace": rel(out["monitor"][1], single["monitor"][1]),
     }

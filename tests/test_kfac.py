@@ -452,6 +452,55 @@ def test_kfac_step_solves_linear_least_squares(x64, adaptive_momentum):
     assert int(inner.solver) == 3 and np.isnan(float(inner.cg_residual))
 
 
+def test_kfac_rescaling_uses_a_quarter_of_the_batch_when_it_is_accurate(x64):
+    """With a fixed damping the rescaled step is `c d`, `c = gᵀd / (dᵀ C d + λ
+    dᵀd)`: the curvature term from every fourth sample (times `N / m`) when its
+    standard error is within `kfac_rescale_tol` of the damped term, else from
+    the batch; against dense per-sample GGNs of softmax cross-entropy."""
+    model = to_f64(Net(jax.random.key(5)))
+    x = jax.random.normal(jax.random.key(6), (42, 3), jnp.float64)
+    batch = {"input": x, "target": (x[:, 0] > 0).astype(jnp.int32)}
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    grads = eqx_ggn.value_and_grad(
+        eqx_ggn.as_model_fn(model), params, batch, "cross_entropy"
+    )[1]
+
+    @eqx.filter_jit
+    def update(tol, rescale):
+        opt = eqx_ggn.scale_by_gauss_newton(
+            "cross_entropy",
+            solver="kfac",
+            damping=0.1,
+            adaptive_damping=False,
+            kfac_rescale=rescale,
+            kfac_rescale_tol=tol,
+        )
+        out = opt.update(grads, opt.init(params), params, model=model, batch=batch)
+        return ravel_pytree(out[0])[0]
+
+    direction = update(0.0, False)
+    flat, unravel = ravel_pytree(params)
+    logits = lambda p, xi: eqx.combine(unravel(p), static)(xi)
+    jvp = lambda xi: jax.jvp(lambda p: logits(p, xi), (flat,), (direction,))[1]
+    jd = jax.vmap(jvp)(x)
+    prob = jax.nn.softmax(jax.vmap(lambda xi: logits(flat, xi))(x))
+    terms = (jnp.sum(prob * jd**2, 1) - jnp.sum(prob * jd, 1) ** 2) / 42  # per sample
+    quarter = terms[::4]  # 11 samples
+    estimate = quarter.sum() * 42 / 11
+    g, damping_term = ravel_pytree(grads)[0] @ direction, 0.1 * direction @ direction
+    whole = terms.sum()  # tol=0: the stored linearization; 1e-12: fresh quarters
+    for tol, curvature in [(float("inf"), estimate), (1e-12, whole), (0, whole)]:
+        expected = g / (curvature + damping_term) * direction
+        assert_rel_close(update(tol, True), expected, 1e-10)
+    # A tolerance between: decided by the quarter's spread.
+    error = 42 / 11 * jnp.sqrt(11 * jnp.var(quarter, ddof=1))
+    accurate = error <= 0.25 * (estimate + damping_term)
+    curvature = estimate if accurate else terms.sum()
+    expected = g / (curvature + damping_term) * direction
+    assert_rel_close(update(0.25, True), expected, 1e-10)
+    assert not np.isclose(estimate, terms.sum(), rtol=1e-3)  # the two differ
+
+
 def test_kfac_damping_floor_is_a_fraction_of_the_mean_eigenvalue(x64):
     """Under adaptive damping the KFAC direction is solved with `max(λ,
     kfac_damping_floor * tr(KFAC) / P)`: the step is parallel to the dense KFAC

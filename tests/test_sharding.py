@@ -52,6 +52,7 @@ def test_sharded_batch_matches_single_device():
         assert result[f"{prefix}dense_step"] <= 1e-5, result
         assert result[f"{prefix}kfac_accepted"], result
         assert result[f"{prefix}kfac_step"] <= 1e-5, result
+        assert result[f"{prefix}kfac_quarter_step"] <= 1e-5, result
     # A NaN in one shard is a rejection on every device, parameters untouched.
     assert not result["shard_map_nan_accepted"], result
     assert result["shard_map_nan_params_unchanged"], result
