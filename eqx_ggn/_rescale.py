@@ -53,8 +53,9 @@ def rescale_form(
     than `MIN_SAMPLES` samples in the quarter, micro-batches or `relinearize`
     (three quarters at once may not fit where the user's memory limit is) or
     an operator without `model_fn` and `loss_fn` take the batch's form from the
-    stored linearization; a traced `tol` always takes the quarters. Inside `shard_map` each shard takes every fourth of its
-    samples, and the counts and spreads are summed over the shards.
+    stored linearization; a traced `tol` always takes the quarters. Inside
+    `shard_map` each shard takes every fourth of its samples, and the counts
+    and spreads are summed over the shards.
     """
     batch = jax.tree.leaves(op.predictions)[0].shape[0]  # this shard's
     quarter = np.arange(0, batch, STRIDE)

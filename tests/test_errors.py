@@ -164,7 +164,8 @@ def test_loss_functions_take_python_labels():
 def test_optimizer_errors_name_the_fix():
     """`model=` given the filtered parameters, and an operator of another
     curvature: ValueErrors that say what to pass instead; an unknown
-    damping_rule is named at construction."""
+    damping_rule, and `kfac_rescale_tol` without KFAC's rescaling, are named at
+    construction."""
     model, data = make_problem("labels")
     params = eqx.filter(model, eqx.is_inexact_array)
     grads = jax.tree.map(jnp.zeros_like, params)
@@ -184,3 +185,5 @@ def test_optimizer_errors_name_the_fix():
             eqx_ggn.gauss_newton(1.0, kl_clip=kl_clip)
     with pytest.raises(ValueError, match=r"kfac_damping_floor must lie in \[0,"):
         eqx_ggn.gauss_newton(1.0, solver="kfac", kfac_damping_floor=-0.1)
+    with pytest.raises(ValueError, match=r"kfac_rescale_tol .* needs solver='kfac'"):
+        eqx_ggn.gauss_newton(1.0, kfac_rescale_tol=0.25)  # CG has no rescaling
