@@ -267,6 +267,15 @@ def _check_kl_clip(kl_clip: Any) -> None:
         )
 
 
+def _check_rescale_tol(tol: Any, solver: str, kfac_rescale: bool) -> None:
+    if _is_number(tol) and tol > 0 and not (solver == "kfac" and kfac_rescale):
+        raise ValueError(
+            "kfac_rescale_tol sets where KFAC's rescaling takes its curvature and "
+            f"needs solver='kfac' and kfac_rescale=True, got solver={solver!r}, "
+            f"kfac_rescale={kfac_rescale}."
+        )
+
+
 def _check_maxiter(cg_maxiter: Any) -> None:
     if _is_number(cg_maxiter):
         if not isinstance(cg_maxiter, int) or cg_maxiter < 1:
@@ -1403,13 +1412,7 @@ def scale_by_gauss_newton(
         warn_after=(warn_after, 1, float("inf")),
     )
     _check_kl_clip(kl_clip)
-    rescales = solver == "kfac" and kfac_rescale
-    if _is_number(kfac_rescale_tol) and kfac_rescale_tol > 0 and not rescales:
-        raise ValueError(
-            "kfac_rescale_tol sets where KFAC's rescaling takes its curvature and "
-            f"needs solver='kfac' and kfac_rescale=True, got solver={solver!r}, "
-            f"kfac_rescale={kfac_rescale}."
-        )
+    _check_rescale_tol(kfac_rescale_tol, solver, kfac_rescale)
     cg_options = _CGOptions(cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay)
     preconditioner_options = _PreconditionerOptions(
         diagonal_decay, kfac_decay, kfac_every, kfac_inverse_every, kfac_damping_floor
