@@ -348,14 +348,17 @@ class CurvatureOperator(eqx.Module):
         target: PyTree,
         loss_grads: PyTree | None,
         vectors: list[PyTree],
-    ) -> Float[Array, "k k"]:
+        dot: Callable = tree_dot,
+    ) -> Float[Array, "*m k k"]:
+        """`[dot(J v_i, H J v_j)]`, symmetrized; `dot=jax.vmap(tree_dot)` keeps
+        the samples apart (`(m, k, k)`; not for the Hessian)."""
         if self.curvature == "hessian":
             left, right = vectors, [jacobian.jvp(v) for v in vectors]
         else:
             left = [jacobian.jvp(v) for v in vectors]
             right = [self._output_hessian(j, pred, target, loss_grads) for j in left]
-        form = jnp.stack([jnp.stack([tree_dot(u, w) for w in right]) for u in left])
-        return (form + form.T) / 2
+        form = jnp.stack([jnp.stack([dot(u, w) for w in right], -1) for u in left], -2)
+        return (form + jnp.swapaxes(form, -1, -2)) / 2
 
     def _sample_forms(
         self, vectors: list[PyTree], index: np.ndarray
@@ -379,27 +382,14 @@ class CurvatureOperator(eqx.Module):
             self.jac,
         )
         vectors = [self._cast("vectors", vector) for vector in vectors]
-        left = [lin.jacobian.jvp(v) for v in vectors]
-        right = [
-            self._output_hessian(j, lin.pred, data["target"], lin.loss_grads)
-            for j in left
-        ]
-
-        def per_sample(u, w):  # (m,): each sample's <u_i, w_i>, in >= float32
-            return sum(
-                jnp.sum(
-                    (x * y)
-                    .astype(jnp.result_type(jnp.float32, x, y))
-                    .reshape(x.shape[0], -1),
-                    axis=1,
-                )
-                for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(w), strict=True)
-            )
-
-        forms = jnp.stack(
-            [jnp.stack([per_sample(u, w) for w in right], -1) for u in left], -2
+        return self._form(
+            lin.jacobian,
+            lin.pred,
+            data["target"],
+            lin.loss_grads,
+            vectors,
+            dot=jax.vmap(tree_dot),
         )
-        return (forms + jnp.swapaxes(forms, -1, -2)) / 2
 
     def _product(
         self,
