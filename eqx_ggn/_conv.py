@@ -22,19 +22,20 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 
-def conv_as_matmuls(layer: eqx.nn.Conv, x: Array) -> Array:
-    """`layer(x)` for an `eqx.nn.Conv` with `groups=1`: the same convolution as
-    one matrix product of the weight `(out, in, offsets)` with the input's
-    strided slices `(in, offsets, *new_spatial)`, one slice per kernel offset.
+def conv_patches(layer: eqx.nn.Conv, x: Array) -> Array:
+    """The input's strided slices, one per kernel offset (im2col), as slices and
+    pads only: no convolution, so they are as fast inside a loop or a `lax.cond`
+    as outside one.
 
     **Arguments:**
 
-    - `layer`: the convolution; `groups` must be 1.
+    - `layer`: the convolution (its kernel size, stride, dilation and padding).
     - `x`: one input, `(in_channels, *spatial)`.
 
     **Returns:**
 
-    `(out_channels, *new_spatial)`, equal to `layer(x)` up to rounding.
+    `(in_channels, offsets, *new_spatial)`, the offsets in the kernel's row-major
+    order: the layout of `jax.lax.conv_general_dilated_patches`'s features.
     """
     padding = layer.padding
     if layer.padding_mode != "ZEROS":
@@ -62,10 +63,25 @@ def conv_as_matmuls(layer: eqx.nn.Conv, x: Array) -> Array:
         pieces.append(
             jax.lax.slice(x, (0, *start), (x.shape[0], *limit), (1, *layer.stride))
         )
-    # (in, offsets, *new_spatial) against the weight's (out, in, offsets).
-    patches = jnp.stack(pieces, axis=1)
+    return jnp.stack(pieces, axis=1)
+
+
+def conv_as_matmuls(layer: eqx.nn.Conv, x: Array) -> Array:
+    """`layer(x)` for an `eqx.nn.Conv` with `groups=1`: the same convolution as
+    one matrix product of the weight `(out, in, offsets)` with the input's
+    strided slices `(in, offsets, *new_spatial)` of `conv_patches`.
+
+    **Arguments:**
+
+    - `layer`: the convolution; `groups` must be 1.
+    - `x`: one input, `(in_channels, *spatial)`.
+
+    **Returns:**
+
+    `(out_channels, *new_spatial)`, equal to `layer(x)` up to rounding.
+    """
     weight = layer.weight.reshape(*layer.weight.shape[:2], -1)
-    y = jnp.tensordot(weight, patches, axes=2)
+    y = jnp.tensordot(weight, conv_patches(layer, x), axes=2)
     if layer.use_bias:
         y = y + layer.bias
     return y

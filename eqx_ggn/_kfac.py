@@ -43,7 +43,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._batching import vary_over_shards
-from ._conv import with_matmul_convs
+from ._conv import conv_patches, with_matmul_convs
 from ._jacobian import check_jac
 from ._losses import LossFn, loss_hessian_root, resolve_loss
 
@@ -185,17 +185,10 @@ def _input_rows(layer: Any, x: Array, bias: bool, dtype: Any) -> Array:
     if isinstance(layer, eqx.nn.Embedding):
         return jax.nn.one_hot(jnp.reshape(x, (1,)), layer.num_embeddings, dtype=dtype)
     if isinstance(layer, eqx.nn.Conv):
-        padding = layer.padding
-        if layer.padding_mode != "ZEROS":
-            x, padding = layer._nonzero_pad(x), "VALID"
-        patches = jax.lax.conv_general_dilated_patches(
-            x[None].astype(dtype),
-            filter_shape=layer.kernel_size,
-            window_strides=layer.stride,
-            padding=padding,
-            rhs_dilation=layer.dilation,
-        )
-        rows = patches.reshape(patches.shape[1], -1).T
+        # Slices, not `conv_general_dilated_patches` (a convolution): the factors
+        # are computed inside a `lax.cond`, see `_conv.py`.
+        patches = conv_patches(layer, x.astype(dtype))
+        rows = patches.reshape(patches.shape[0] * patches.shape[1], -1).T
     else:
         rows = jnp.reshape(x, (1, -1)).astype(dtype)
     if bias:

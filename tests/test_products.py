@@ -291,7 +291,12 @@ def test_convolutions_as_matmuls_match_the_convolutions():
     over the kernel's offsets (fast inside CG's loop): each layer equals its
     convolution, and the operator built from `model=` equals the dense GGN and
     gradient of the unchanged model."""
-    from eqx_ggn._conv import _MatmulConv, conv_as_matmuls, with_matmul_convs
+    from eqx_ggn._conv import (
+        _MatmulConv,
+        conv_as_matmuls,
+        conv_patches,
+        with_matmul_convs,
+    )
 
     model = to_f64(_Convs(jax.random.key(0)))
     kx, ky = jax.random.split(jax.random.key(1))
@@ -303,6 +308,15 @@ def test_convolutions_as_matmuls_match_the_convolutions():
     inputs = [x.reshape(2, 20), x, x.reshape(2, 2, 2, 5)]
     for layer, xi in zip([model.c1, model.c2, model.c3], inputs, strict=True):
         assert_rel_close(conv_as_matmuls(layer, xi), layer(xi), 1e-12)
+        # KFAC's im2col rows: the features of XLA's patches (a convolution).
+        ours = conv_patches(layer, xi)
+        padding = layer.padding
+        if layer.padding_mode != "ZEROS":
+            xi, padding = layer._nonzero_pad(xi), "VALID"
+        patches = jax.lax.conv_general_dilated_patches(
+            xi[None], layer.kernel_size, layer.stride, padding, None, layer.dilation
+        )[0]
+        assert_rel_close(ours.reshape(patches.shape), patches, 1e-14)
     swapped = with_matmul_convs(model)
     assert isinstance(swapped.c2, _MatmulConv) == (jax.default_backend() == "cpu")
     assert isinstance(swapped.grouped, eqx.nn.Conv)  # groups=2: unchanged
