@@ -23,7 +23,7 @@ memory (arguments, outputs and temporaries of the compiled step).
 
     python benchmarks/time_to_target.py [--quick] [--workload NAME]
         [--optimizers PREFIXES] [--seeds N] [--costs] [--warning] [--floors]
-        [--knobs] [--quarter] [--large]
+        [--knobs] [--quarter] [--generalization] [--large] [--adamw-lr LR]
 
 `--costs` times the pieces of a step on each workload, and whole steps, each
 setting in turns with AdamW; `--warning` times the default KFAC step in turns
@@ -31,9 +31,13 @@ with the same step with `warn=False`; `--floors` runs
 `kfac_damping_floor` over two decades; `--knobs` runs changes to the default KFAC
 row (a damping floor, longer steps, faster factors, adaptive momentum);
 `--quarter` measures how well a quarter of the batch estimates the curvature
-term of KFAC's rescaling (what `kfac_rescale_tol` relies on); `--large`
+term of KFAC's rescaling (what `kfac_rescale_tol` relies on);
+`--generalization` compares AdamW's and the default KFAC's validation values
+at the same fit to the training data (tuned settings from `--cache`); `--large`
 replaces the workloads by the transformer at width 512, 6 layers and 8 heads with
-10 s runs (for a GPU).
+10 s runs (for a GPU); `--adamw-lr` runs AdamW at one learning rate instead of
+tuning it (on a copy of a cache without AdamW's rows, the other rows' runs are
+reused and the target and ratios are recomputed against that AdamW).
 """
 
 import os
@@ -85,6 +89,7 @@ class Workload:
     batch: Callable  # key -> training batch
     validate: Callable  # model -> validation value (lower is better)
     train_loss: Callable  # (model, batch) -> mean training loss
+    fit: Callable  # model -> the validation metric on training data
     # Evaluations over the budget: where the target is reached in a few percent
     # of it (the CNN), more of them, so that one evaluation's interval does not
     # decide a ratio.
@@ -125,9 +130,15 @@ def transformer_workload(budget, width=64, depth=2, heads=4):
     def train_loss(model, batch):
         return mean_cross_entropy(jax.vmap(model)(batch["input"]), batch["target"])
 
-    @eqx.filter_jit
-    def validate(model):
-        return jnp.mean(jnp.stack([train_loss(model, b) for b in valid_batches]))
+    train_batches = [
+        text_batch(train, jax.random.key(2000 + i), batch_size, context)
+        for i in range(8)
+    ]
+
+    def mean_loss(batches):
+        return eqx.filter_jit(
+            lambda model: jnp.mean(jnp.stack([train_loss(model, b) for b in batches]))
+        )
 
     return Workload(
         "transformer",
@@ -137,8 +148,9 @@ def transformer_workload(budget, width=64, depth=2, heads=4):
         budget,
         lambda key: CharTransformer(vocab, width, depth, heads, context, key),
         lambda key: text_batch(train, key, batch_size, context),
-        validate,
+        mean_loss(valid_batches),
         train_loss,
+        mean_loss(train_batches),  # 8 fixed batches of the training text
     )
 
 
@@ -156,9 +168,10 @@ def cnn_workload(budget):
     def train_loss(model, batch):
         return mean_cross_entropy(jax.vmap(model)(batch["input"]), batch["target"])
 
-    @eqx.filter_jit
-    def validate(model):
-        return jnp.mean(jnp.argmax(jax.vmap(model)(xv), -1) != yv)
+    def error(inputs, labels):
+        return eqx.filter_jit(
+            lambda model: jnp.mean(jnp.argmax(jax.vmap(model)(inputs), -1) != labels)
+        )
 
     return Workload(
         "cnn",
@@ -168,8 +181,9 @@ def cnn_workload(budget):
         budget,
         CNN,
         digits_batch(x, y, 128),
-        validate,
+        error(xv, yv),
         train_loss,
+        error(x, y),
         evaluations=200,  # targets at 0.4 to 4 s of 12: every 0.06 s
     )
 
@@ -182,9 +196,10 @@ def autoencoder_workload(budget):
             jnp.sum((jax.vmap(model)(batch["input"]) - batch["target"]) ** 2, -1)
         )
 
-    @eqx.filter_jit
-    def validate(model):
-        return train_loss(model, {"input": xv, "target": xv})
+    def mse(images):
+        return eqx.filter_jit(
+            lambda model: train_loss(model, {"input": images, "target": images})
+        )
 
     draw = digits_batch(x, x, 256)
     return Workload(
@@ -195,8 +210,9 @@ def autoencoder_workload(budget):
         budget,
         lambda key: Autoencoder(AUTOENCODER_SIZES, key),
         lambda key: draw(key),
-        validate,
+        mse(xv),
         train_loss,
+        mse(x),
     )
 
 
@@ -237,11 +253,15 @@ def kfac_cosine(workload, steps, **kwargs):
     )
 
 
+# AdamW's tuning grid; `--adamw-lr` replaces it by one value.
+ADAMW_LRS = (1e-3, 3e-3, 1e-2)
+
+
 def optimizers(workload):
     fixed = dict(solver="kfac", adaptive_damping=False, kfac_rescale=False)
     fisher = dict(solver="kfac", curvature="fisher")
     return [
-        ("AdamW (warmup-cosine)", "lr", (1e-3, 3e-3, 1e-2), adamw),
+        ("AdamW (warmup-cosine)", "lr", ADAMW_LRS, adamw),
         ("Muon", "lr", (3e-3, 1e-2, 3e-2), muon),
         (
             "KFAC Fisher, LM (defaults)",
@@ -271,6 +291,13 @@ def optimizers(workload):
             "kfac_every",
             (1, 5, 20),
             lambda v, s: kfac_cosine(workload, s, kfac_every=v),
+        ),
+        (
+            # Both of the above: AdamW's annealing and the quarter's form.
+            "KFAC Fisher, LM (kfac_rescale_tol=0.25) + cosine lr",
+            "kfac_every",
+            (1, 5, 20),
+            lambda v, s: kfac_cosine(workload, s, kfac_every=v, kfac_rescale_tol=0.25),
         ),
         (
             "KFAC Fisher, LM + adaptive momentum",
@@ -381,10 +408,13 @@ def step_memory(step, model, state, key):
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 
-def run(workload, factory, value, seed, steps_hint=None, count_accepted=False):
-    """Train for the budget; returns the evaluation curve and rates, and with
+def run(
+    workload, factory, value, seed, steps_hint=None, count_accepted=False, fit=False
+):
+    """Train for the budget; returns the evaluation curve and rates, with
     `count_accepted` the fraction of accepted steps and the final damping (a
-    device-side sum per step: slightly slower steps)."""
+    device-side sum per step: slightly slower steps), and with `fit` the
+    metric on training data at each evaluation (`fit_curve`)."""
     model = workload.model(jax.random.key(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 100), 1_000_000))
     probe_opt, curvature = factory(value, 1000)
@@ -404,6 +434,7 @@ def run(workload, factory, value, seed, steps_hint=None, count_accepted=False):
     state = opt.init(eqx.filter(model, eqx.is_inexact_array))
     jax.block_until_ready(step(model, state, next(keys))[2])  # compile
     curve = [(0.0, float(workload.validate(model)))]
+    fit_curve = [float(workload.fit(model))] if fit else None
     counts = [0]  # the steps taken at each evaluation of `curve`
     elapsed, steps, chunk, accepted = 0.0, 0, 1, 0
     while elapsed < workload.budget:
@@ -417,6 +448,8 @@ def run(workload, factory, value, seed, steps_hint=None, count_accepted=False):
         steps += chunk
         value_now = float(workload.validate(model))
         curve.append((elapsed, value_now if math.isfinite(value_now) else math.inf))
+        if fit:
+            fit_curve.append(float(workload.fit(model)))
         counts.append(steps)
         rate = steps / elapsed
         chunk = max(1, int(rate * workload.budget / workload.evaluations))
@@ -434,6 +467,8 @@ def run(workload, factory, value, seed, steps_hint=None, count_accepted=False):
         "memory": memory,
         "final": curve[-1][1],
     }
+    if fit:
+        result["fit_curve"] = fit_curve
     if count_accepted:  # the Levenberg-Marquardt rule's record
         result["accepted"] = float(accepted) / steps
         result["damping"] = float(optax.tree.get(state, "damping"))
@@ -681,6 +716,46 @@ def quarter_errors(workload, steps):
     print(f"| {workload.name} | {len(rows)} of {steps} | {cells[0]} | {cells[1]} |")
 
 
+def generalization(workload, cache):
+    """Validation against the fit to the training data, for AdamW and the default
+    KFAC row at their tuned settings in `cache` (the time-to-target run's), seed
+    0, with the metric on training data recorded at every evaluation: the
+    lowest validation value of each, and each one's validation value where its
+    training value first falls to `T`, the higher of the two training values at
+    those lowest points (a fit both reach)."""
+    stored = json.loads(cache.read_text())
+    labels = ("AdamW (warmup-cosine)", "KFAC Fisher, LM (defaults)")
+    runs = {}
+    for label, name, _, factory in optimizers(workload):
+        if label in labels:
+            best = stored[f"{workload.name}/{label}"]["best"]
+            runs[label] = (
+                f"{name}={best:g}",
+                run(workload, factory, best, 0, fit=True),
+            )
+    lowest = {
+        label: int(np.argmin([v for _, v in r["curve"]]))
+        for label, (_, r) in runs.items()
+    }
+    level = max(r["fit_curve"][lowest[label]] for label, (_, r) in runs.items())
+    print(f"\n#### {workload.name}: {workload.metric}, T = {level:.4g}\n")
+    print(
+        "| optimizer | setting | lowest validation value (at s) | training value "
+        "there | final training value | validation where training first <= T "
+        "(at s) |\n|---|---|---|---|---|---|"
+    )
+    for label, (setting, r) in runs.items():
+        i = lowest[label]
+        t, v = r["curve"][i]
+        j = next(k for k, f in enumerate(r["fit_curve"]) if f <= level)
+        print(
+            f"| {label} | {setting} | {v:.4g} ({t:.1f}) | {r['fit_curve'][i]:.4g} | "
+            f"{r['fit_curve'][-1]:.4g} | {r['curve'][j][1]:.4g} "
+            f"({r['curve'][j][0]:.1f}) |",
+            flush=True,
+        )
+
+
 def costs(workload):
     """What each KFAC setting costs on a workload: the pieces, and whole steps
     against AdamW's."""
@@ -874,9 +949,20 @@ def main():
         "--knobs", action="store_true", help="changes to the default KFAC row only"
     )
     parser.add_argument(
+        "--generalization",
+        action="store_true",
+        help="validation against training fit, AdamW and default KFAC (needs --cache)",
+    )
+    parser.add_argument(
         "--large",
         action="store_true",
         help="the transformer at width 512, 6 layers, 8 heads (for a GPU), 10 s runs",
+    )
+    parser.add_argument(
+        "--adamw-lr",
+        type=float,
+        default=None,
+        help="AdamW's learning rate, not tuned (a cache without AdamW's rows)",
     )
     parser.add_argument("--cache", default="time_to_target.json")
     parser.add_argument(
@@ -888,6 +974,9 @@ def main():
         help="label prefixes to run, separated by semicolons (AdamW always runs)",
     )
     args = parser.parse_args()
+    if args.adamw_lr is not None:
+        global ADAMW_LRS
+        ADAMW_LRS = (args.adamw_lr,)
     # GaussNewtonWarning: counted per run instead of printed.
     warnings.simplefilter("ignore", eqx_ggn.GaussNewtonWarning)
     scale = 0.1 if args.quick else 1.0
@@ -938,6 +1027,9 @@ def main():
             continue
         if args.knobs:
             knobs(workload)
+            continue
+        if args.generalization:
+            generalization(workload, pathlib.Path(args.cache))
             continue
         suffix = ("-quick" if args.quick else "") + ("-large" if args.large else "")
         cache = pathlib.Path(args.cache + suffix)
