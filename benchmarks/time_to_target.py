@@ -33,7 +33,8 @@ row (a damping floor, longer steps, faster factors, adaptive momentum);
 `--quarter` measures how well a quarter of the batch estimates the curvature
 term of KFAC's rescaling (what `kfac_rescale_tol` relies on);
 `--generalization` compares AdamW's and the default KFAC's validation values
-at the same fit to the training data (tuned settings from `--cache`); `--large`
+at the same fit to the training data (tuned settings from `--cache`, each of
+`--seeds` seeds); `--large`
 replaces the workloads by the transformer at width 512, 6 layers and 8 heads with
 10 s runs (for a GPU); `--adamw-lr` runs AdamW at one learning rate instead of
 tuning it (on a copy of a cache without AdamW's rows, the other rows' runs are
@@ -716,44 +717,43 @@ def quarter_errors(workload, steps):
     print(f"| {workload.name} | {len(rows)} of {steps} | {cells[0]} | {cells[1]} |")
 
 
-def generalization(workload, cache):
+def generalization(workload, cache, seeds=1):
     """Validation against the fit to the training data, for AdamW and the default
-    KFAC row at their tuned settings in `cache` (the time-to-target run's), seed
-    0, with the metric on training data recorded at every evaluation: the
-    lowest validation value of each, and each one's validation value where its
-    training value first falls to `T`, the higher of the two training values at
-    those lowest points (a fit both reach)."""
+    KFAC row at their tuned settings in `cache` (the time-to-target run's), on
+    seeds 0 to `seeds - 1`, with the metric on training data recorded at every
+    evaluation: per seed, the lowest validation value of each, and each one's
+    validation value where its training value first falls to `T`, the higher
+    of the two training values at those lowest points (a fit both reach)."""
     stored = json.loads(cache.read_text())
     labels = ("AdamW (warmup-cosine)", "KFAC Fisher, LM (defaults)")
-    runs = {}
-    for label, name, _, factory in optimizers(workload):
-        if label in labels:
-            best = stored[f"{workload.name}/{label}"]["best"]
-            runs[label] = (
-                f"{name}={best:g}",
-                run(workload, factory, best, 0, fit=True),
-            )
-    lowest = {
-        label: int(np.argmin([v for _, v in r["curve"]]))
-        for label, (_, r) in runs.items()
-    }
-    level = max(r["fit_curve"][lowest[label]] for label, (_, r) in runs.items())
-    print(f"\n#### {workload.name}: {workload.metric}, T = {level:.4g}\n")
     print(
-        "| optimizer | setting | lowest validation value (at s) | training value "
-        "there | final training value | validation where training first <= T "
-        "(at s) |\n|---|---|---|---|---|---|"
+        f"\n#### {workload.name}: {workload.metric}\n\n"
+        "| seed | T | optimizer | setting | lowest validation value (at s) | "
+        "training value there | final training value | validation where "
+        "training first <= T (at s) |\n|---|---|---|---|---|---|---|---|"
     )
-    for label, (setting, r) in runs.items():
-        i = lowest[label]
-        t, v = r["curve"][i]
-        j = next(k for k, f in enumerate(r["fit_curve"]) if f <= level)
-        print(
-            f"| {label} | {setting} | {v:.4g} ({t:.1f}) | {r['fit_curve'][i]:.4g} | "
-            f"{r['fit_curve'][-1]:.4g} | {r['curve'][j][1]:.4g} "
-            f"({r['curve'][j][0]:.1f}) |",
-            flush=True,
-        )
+    for seed in range(seeds):
+        runs = {}
+        for label, name, _, factory in optimizers(workload):
+            if label in labels:
+                best = stored[f"{workload.name}/{label}"]["best"]
+                result = run(workload, factory, best, seed, fit=True)
+                runs[label] = (f"{name}={best:g}", result)
+        lowest = {
+            label: int(np.argmin([v for _, v in r["curve"]]))
+            for label, (_, r) in runs.items()
+        }
+        level = max(r["fit_curve"][lowest[label]] for label, (_, r) in runs.items())
+        for label, (setting, r) in runs.items():
+            i = lowest[label]
+            t, v = r["curve"][i]
+            j = next(k for k, f in enumerate(r["fit_curve"]) if f <= level)
+            print(
+                f"| {seed} | {level:.4g} | {label} | {setting} | {v:.4g} ({t:.1f}) | "
+                f"{r['fit_curve'][i]:.4g} | {r['fit_curve'][-1]:.4g} | "
+                f"{r['curve'][j][1]:.4g} ({r['curve'][j][0]:.1f}) |",
+                flush=True,
+            )
 
 
 def costs(workload):
@@ -1029,7 +1029,7 @@ def main():
             knobs(workload)
             continue
         if args.generalization:
-            generalization(workload, pathlib.Path(args.cache))
+            generalization(workload, pathlib.Path(args.cache), args.seeds)
             continue
         suffix = ("-quick" if args.quick else "") + ("-large" if args.large else "")
         cache = pathlib.Path(args.cache + suffix)
