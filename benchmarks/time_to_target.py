@@ -23,7 +23,8 @@ memory (arguments, outputs and temporaries of the compiled step).
 
     python benchmarks/time_to_target.py [--quick] [--workload NAME]
         [--optimizers PREFIXES] [--seeds N] [--costs] [--warning] [--floors]
-        [--knobs] [--quarter] [--generalization] [--large] [--adamw-lr LR]
+        [--knobs] [--quarter] [--generalization] [--large] [--shape W,D,H]
+        [--adamw-lr LR]
 
 `--costs` times the pieces of a step on each workload, and whole steps, each
 setting in turns with AdamW; `--warning` times the default KFAC step in turns
@@ -36,9 +37,12 @@ term of KFAC's rescaling (what `kfac_rescale_tol` relies on);
 at the same fit to the training data (tuned settings from `--cache`, each of
 `--seeds` seeds); `--large`
 replaces the workloads by the transformer at width 512, 6 layers and 8 heads with
-10 s runs (for a GPU); `--adamw-lr` runs AdamW at one learning rate instead of
-tuning it (on a copy of a cache without AdamW's rows, the other rows' runs are
-reused and the target and ratios are recomputed against that AdamW).
+10 s runs (for a GPU); `--shape W,D,H` replaces them by a second CPU
+transformer of width `W`, `D` layers and `H` heads, with the 30 s budget and the
+workload's context, batch and corpus; `--adamw-lr` runs AdamW at one learning
+rate instead of tuning it (on a copy of a cache without AdamW's rows, the other
+rows' runs are reused and the target and ratios are recomputed against that
+AdamW).
 """
 
 import os
@@ -535,7 +539,7 @@ def benchmark(workload, print_row, cache, only=None, seeds=3):
                 ]
                 cache.write_text(json.dumps(stored))
             continue
-        if "GGN" in label and workload.name == "transformer":
+        if "GGN" in label and workload.name.startswith("transformer"):
             # (T, vocab) logits: the exact GGN's one pullback per output raises
             # the documented ValueError before allocating; record its message.
             try:
@@ -959,6 +963,11 @@ def main():
         help="the transformer at width 512, 6 layers, 8 heads (for a GPU), 10 s runs",
     )
     parser.add_argument(
+        "--shape",
+        default=None,
+        help="WIDTH,DEPTH,HEADS: a second transformer instead of the workloads",
+    )
+    parser.add_argument(
         "--adamw-lr",
         type=float,
         default=None,
@@ -987,6 +996,14 @@ def main():
     ]
     if args.large:
         workloads = [transformer_workload(10 * scale, width=512, depth=6, heads=8)]
+    if args.shape:
+        width, depth, heads = (int(n) for n in args.shape.split(","))
+        workloads = [
+            dataclasses.replace(
+                transformer_workload(30 * scale, width, depth, heads),
+                name=f"transformer {width}x{depth}x{heads}",
+            )
+        ]
     print(
         f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax "
@@ -1032,6 +1049,7 @@ def main():
             generalization(workload, pathlib.Path(args.cache), args.seeds)
             continue
         suffix = ("-quick" if args.quick else "") + ("-large" if args.large else "")
+        suffix += f"-{args.shape.replace(',', 'x')}" if args.shape else ""
         cache = pathlib.Path(args.cache + suffix)
         only = args.optimizers.split(";") if args.optimizers else None
         results, target = benchmark(workload, print_row, cache, only, args.seeds)
