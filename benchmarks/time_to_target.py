@@ -1004,6 +1004,10 @@ def main():
                 name=f"transformer {width}x{depth}x{heads}",
             )
         ]
+    # The time-to-target runs' cache, one file per workload set.
+    suffix = ("-quick" if args.quick else "") + ("-large" if args.large else "")
+    suffix += f"-{args.shape.replace(',', 'x')}" if args.shape else ""
+    cache = pathlib.Path(args.cache + suffix)
     print(
         f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax "
@@ -1046,11 +1050,8 @@ def main():
             knobs(workload)
             continue
         if args.generalization:
-            generalization(workload, pathlib.Path(args.cache), args.seeds)
+            generalization(workload, cache, args.seeds)
             continue
-        suffix = ("-quick" if args.quick else "") + ("-large" if args.large else "")
-        suffix += f"-{args.shape.replace(',', 'x')}" if args.shape else ""
-        cache = pathlib.Path(args.cache + suffix)
         only = args.optimizers.split(";") if args.optimizers else None
         results, target = benchmark(workload, print_row, cache, only, args.seeds)
         report(workload, results, target)
