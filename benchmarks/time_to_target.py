@@ -22,13 +22,16 @@ slow spell of the machine does not move, steps per second and the step's XLA
 memory (arguments, outputs and temporaries of the compiled step).
 
     python benchmarks/time_to_target.py [--quick] [--workload NAME]
-        [--optimizers PREFIXES] [--seeds N] [--costs] [--warning] [--floors]
+        [--optimizers PREFIXES] [--seeds N] [--costs] [--grafted-costs]
+        [--warning] [--floors]
         [--knobs] [--quarter] [--generalization] [--large] [--shape W,D,H]
         [--adamw-lr LR]
 
 `--costs` times the pieces of a step on each workload, and whole steps, each
-setting in turns with AdamW; `--warning` times the default KFAC step in turns
-with the same step with `warn=False`; `--floors` runs
+setting in turns with AdamW; `--grafted-costs` does the same for
+`eqx_ggn.grafted_kfac` (KFAC's direction at Adam's step length, tuned over
+AdamW's learning rates in the time-to-target runs) and Muon; `--warning` times
+the default KFAC step in turns with the same step with `warn=False`; `--floors` runs
 `kfac_damping_floor` over two decades; `--knobs` runs changes to the default KFAC
 row (a damping floor, longer steps, faster factors, adaptive momentum);
 `--quarter` measures how well a quarter of the batch estimates the curvature
@@ -258,6 +261,11 @@ def kfac_cosine(workload, steps, **kwargs):
     )
 
 
+def grafted_kfac(workload, lr, steps):
+    """`eqx_ggn.grafted_kfac` at its defaults, with AdamW's warmup-cosine schedule."""
+    return eqx_ggn.grafted_kfac(warmup_cosine(lr, steps), workload.loss_fn), None
+
+
 # AdamW's tuning grid; `--adamw-lr` replaces it by one value.
 ADAMW_LRS = (1e-3, 3e-3, 1e-2)
 
@@ -268,6 +276,13 @@ def optimizers(workload):
     return [
         ("AdamW (warmup-cosine)", "lr", ADAMW_LRS, adamw),
         ("Muon", "lr", (3e-3, 1e-2, 3e-2), muon),
+        (
+            # KFAC's direction with Adam's step length; no linearization.
+            "KFAC grafted to Adam (defaults)",
+            "lr",
+            (1e-3, 3e-3, 1e-2),  # AdamW's grid
+            lambda v, s: grafted_kfac(workload, v, s),
+        ),
         (
             "KFAC Fisher, LM (defaults)",
             "kfac_every",
@@ -397,8 +412,9 @@ def make_step(workload, opt, curvature):
                 grads, state, params, model=model, batch=batch, operator=op
             )
         else:
+            # First-order chains ignore `model` and `batch`; grafted KFAC needs them.
             loss, grads = eqx.filter_value_and_grad(workload.train_loss)(model, batch)
-            updates, state = opt.update(grads, state, params)
+            updates, state = opt.update(grads, state, params, model=model, batch=batch)
         return eqx.apply_updates(model, updates), state, loss
 
     return step
@@ -819,14 +835,6 @@ def costs(workload):
     for name, seconds in rows:
         print(f"| {name} | {1e3 * seconds:.1f} |")
 
-    # AdamW and each setting take turns, `rounds` times: a slow spell of the
-    # shared machine then slows both sides of a pair. Session 17 timed AdamW
-    # once per table, and its step read 26.6 ms in one table and 47.9 ms in the
-    # next, ten minutes later, moving every ratio by 1.8x.
-    adam = step_timer(workload, model, optax.adamw(3e-3), None)
-    rounds = 5
-    adam_times = []
-    cheap = dict(adaptive_damping=False, kfac_rescale=False, damping=0.1)
     settings = [
         dict(kfac_every=1),
         dict(kfac_every=5),
@@ -836,22 +844,40 @@ def costs(workload):
         dict(kfac_every=20),
         dict(kfac_every=5, kfac_inverse_every=1),
         dict(kfac_every=5, adaptive_momentum=True),
-        dict(kfac_every=1, **cheap),
-        dict(kfac_every=5, **cheap),
+        dict(kfac_every=1, adaptive_damping=False, kfac_rescale=False, damping=0.1),
+        dict(kfac_every=5, adaptive_damping=False, kfac_rescale=False, damping=0.1),
     ]
     settings = [dict(solver="kfac", curvature="fisher", **s) for s in settings]
     settings += [
         dict(cg_maxiter=10),
         dict(cg_maxiter=10, preconditioner="kfac", kfac_every=5, curvature="fisher"),
     ]
+    paired_steps(
+        workload,
+        model,
+        "eqx_ggn.gauss_newton setting",
+        [
+            (", ".join(f"{k}={v!r}" for k, v in kwargs.items()), gn(workload, **kwargs))
+            for kwargs in settings
+        ],
+    )
+
+
+def paired_steps(workload, model, column, settings, rounds=5):
+    """Each `(name, (optimizer, curvature))` of `settings` timed in turns with
+    AdamW, `rounds` times: a slow spell of the shared machine then slows both
+    sides of a pair. Session 17 timed AdamW once per table, and its step read
+    26.6 ms in one table and 47.9 ms in the next, ten minutes later, moving
+    every ratio by 1.8x."""
+    adam = step_timer(workload, model, optax.adamw(3e-3), None)
+    adam_times = []
     print(f"\n### {workload.name}: step time against AdamW's, {rounds} paired runs\n")
     print(
-        "| eqx_ggn.gauss_newton setting | step (ms, median) | / AdamW's (median "
+        f"| {column} | step (ms, median) | / AdamW's (median "
         "of the pairs) | lowest, highest |\n|---|---|---|---|"
     )
-    for kwargs in settings:
-        name = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        setting = step_timer(workload, model, *gn(workload, **kwargs))
+    for name, (opt, curvature) in settings:
+        setting = step_timer(workload, model, opt, curvature)
         pairs = [(adam(), setting()) for _ in range(rounds)]
         adam_times += [a for a, _ in pairs]
         ratios = [s / a for a, s in pairs]
@@ -865,6 +891,26 @@ def costs(workload):
         f"\nAdamW's step over the {len(adam_times)} runs: median {middle:.1f} ms, "
         f"lowest {low:.1f}, highest {high:.1f}."
     )
+
+
+def grafted_costs(workload):
+    """`eqx_ggn.grafted_kfac`'s step at three factor periods, and Muon's, each
+    against AdamW's."""
+    model = workload.model(jax.random.key(0))
+    settings = [
+        (
+            f"grafted_kfac(kfac_every={k}, kfac_inverse_every={k})",
+            (
+                eqx_ggn.grafted_kfac(
+                    3e-3, workload.loss_fn, kfac_every=k, kfac_inverse_every=k
+                ),
+                None,
+            ),
+        )
+        for k in (1, 5, 20)
+    ]
+    settings.append(("optax.contrib.muon", muon(3e-3, 1)))
+    paired_steps(workload, model, "optimizer", settings)
 
 
 def sweep(workload, column, settings, factory, count_accepted=False):
@@ -936,6 +982,11 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workload", default=None)
     parser.add_argument("--costs", action="store_true", help="the cost tables only")
+    parser.add_argument(
+        "--grafted-costs",
+        action="store_true",
+        help="grafted_kfac's and Muon's steps against AdamW's only",
+    )
     parser.add_argument(
         "--warning",
         action="store_true",
@@ -1042,6 +1093,9 @@ def main():
             continue
         if args.costs:
             costs(workload)
+            continue
+        if args.grafted_costs:
+            grafted_costs(workload)
             continue
         if args.floors:
             floors(workload)

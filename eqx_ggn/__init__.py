@@ -16,6 +16,13 @@ from ._ggn import (
     create_ggn_mv_without_data as create_ggn_mv_without_data,
     create_hessian_mv as create_hessian_mv,
 )
+from ._grafted_kfac import (
+    grafted_kfac as grafted_kfac,
+    scale_by_kfac as scale_by_kfac,
+)
+from ._grafting import (
+    scale_by_grafting as scale_by_grafting,
+)
 from ._kfac import (
     KFACState as KFACState,
     KroneckerFactor as KroneckerFactor,
