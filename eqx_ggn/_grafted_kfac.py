@@ -1,7 +1,5 @@
 from typing import NamedTuple
 
-import equinox as eqx
-import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int
@@ -12,8 +10,8 @@ from ._kfac import (
     KFACState,
     apply_kfac_inverse,
     check_weight_sharing,
-    curvature_statistics,
     mean_eigenvalue,
+    step_statistics,
     update_kfac_state,
     zero_state,
 )
@@ -113,15 +111,15 @@ def scale_by_kfac(
                 "batch={'input': X, 'target': Y}): KFAC finds the layers of an "
                 "Equinox module and draws its factors from the batch."
             )
-        statistics = lambda: curvature_statistics(
-            eqx.combine(params, model),
+        statistics = step_statistics(
+            model,
             params,
             batch,
             loss_fn,
+            state.count,
             curvature=curvature,
             weight_sharing=weight_sharing,
             max_dim=kfac_max_dim,
-            key=jax.random.fold_in(jax.random.key(0), state.count),
         )
         kfac = update_kfac_state(
             state.kfac,

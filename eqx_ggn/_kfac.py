@@ -877,6 +877,24 @@ def kfac_inverse(factors: PyTree, damping: float | Float[Array, ""]) -> Callable
     return lambda vector: apply_kfac_inverse(eigen, vector, damping)
 
 
+def step_statistics(
+    model: PyTree,
+    trained: PyTree,
+    batch: dict[str, Any],
+    loss_fn: LossFn,
+    count: Array,
+    **kwargs: Any,
+) -> Callable[[], PyTree]:
+    """The factors of an optimizer's step, as the thunk `update_kfac_state` calls
+    only on the steps that fold them: `curvature_statistics` of `model` with
+    `trained` swapped in, the sampled Fisher's key folded from the step `count`.
+    `kwargs` go to `curvature_statistics`."""
+    key = jax.random.fold_in(jax.random.key(0), count)
+    return lambda: curvature_statistics(
+        eqx.combine(trained, model), trained, batch, loss_fn, key=key, **kwargs
+    )
+
+
 def update_kfac_state(
     state: KFACState,
     statistics: Callable[[], PyTree],

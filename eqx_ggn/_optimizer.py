@@ -21,8 +21,8 @@ from ._kfac import (
     KFACState,
     apply_kfac_inverse,
     check_weight_sharing,
-    curvature_statistics,
     mean_eigenvalue,
+    step_statistics,
     update_kfac_state,
     zero_state,
 )
@@ -485,16 +485,16 @@ def _preconditioner(
             "KFAC (solver='kfac' or preconditioner='kfac') finds the layers of an "
             "Equinox module: pass update(..., model=module), not model_fn alone."
         )
-    statistics = lambda: curvature_statistics(
-        eqx.combine(params, model),
+    statistics = step_statistics(
+        model,
         params,
         batch,
         config.loss_fn,
+        state.count,
         curvature=config.curvature,
         weight_sharing=config.weight_sharing,
         max_dim=config.kfac_max_dim,
         factor=op.factor,
-        key=jax.random.fold_in(jax.random.key(0), state.count),
         axis_name=config.axis_name,
     )
     # As CG's preconditioner, KFAC's inverse is used only while it is on and on
