@@ -163,9 +163,11 @@ def grafted_kfac(
     their eigendecompositions every `kfac_inverse_every` steps).
 
     Because Adam sets the step length, the learning rate is Adam's: tune it
-    over the grid you would use for `optax.adamw`. For full-batch least
-    squares, where the exact curvature pays, use [`eqx_ggn.gauss_newton`][]
-    instead.
+    over the grid you would use for `optax.adamw`. A run of few steps (a large
+    model on a small budget) gains from fresher factors, `kfac_every=5,
+    kfac_inverse_every=5`, at a higher step cost; see the KFAC page's "When to
+    pick which". For full-batch least squares, where the exact curvature pays,
+    use [`eqx_ggn.gauss_newton`][] instead.
 
     **Arguments:**
 
