@@ -597,10 +597,13 @@ def benchmark(workload, print_row, cache, only=None, seeds=3):
         for seed in range(len(entry["seeds"]), seeds):
             entry["seeds"].append(run(workload, factory, best, seed))
             cache.write_text(json.dumps(stored))
-        entry["grid"] = [
-            (v, r["final"], time_to(r["curve"], target)) for v, r in tuned.items()
-        ]
-        results[label] = {**entry, "seeds": entry["seeds"][:seeds]}
+        results[label] = {
+            **entry,
+            "seeds": entry["seeds"][:seeds],
+            "grid": [
+                (v, r["final"], time_to(r["curve"], target)) for v, r in tuned.items()
+            ],
+        }
         print_row(label, results[label])
     return results, target
 
