@@ -32,7 +32,8 @@ after 10, 25, 50 and 100 steps.
 
 Run: `python benchmarks/kfac.py` (about 8 minutes on 2 CPU cores), or `--budget`
 to change the seconds per optimizer in part 2 (`--kfac-damping-floor 0` runs its
-`solver="kfac"` rows without the floor).
+`solver="kfac"` rows without the floor; `--kfac-every N` sets `kfac_every` of the
+`solver="kfac"` rows of parts 2 and 4).
 """
 
 import argparse
@@ -65,7 +66,15 @@ parser.add_argument(
     default=0.1,
     help="kfac_damping_floor of part 2's solver='kfac' rows (0: off)",
 )
+parser.add_argument(
+    "--kfac-every",
+    type=int,
+    default=None,
+    help="kfac_every of the solver='kfac' rows of parts 2 and 4 (default: the "
+    "optimizer's)",
+)
 args = parser.parse_args()
+KFAC_EVERY = {} if args.kfac_every is None else {"kfac_every": args.kfac_every}
 # Mini-batch noise rejects runs of steps near convergence; the count is in the state.
 warnings.simplefilter("ignore", eqx_ggn.GaussNewtonWarning)
 
@@ -232,7 +241,9 @@ def part_time_to_accuracy():
     print(f"\n## Part 2: time to accuracy, {args.budget:g} s per run\n")
     for problem, p in PROBLEMS.items():
         loss = p["loss"]
-        kfac = dict(solver="kfac", kfac_damping_floor=args.kfac_damping_floor)
+        kfac = dict(
+            solver="kfac", kfac_damping_floor=args.kfac_damping_floor, **KFAC_EVERY
+        )
         runs = {f"adam {lr:g}": (optax.adam(lr), False) for lr in (1e-3, 3e-3, 1e-2)}
         runs['solver="kfac"'] = (eqx_ggn.gauss_newton(1.0, loss_fn=loss, **kfac), True)
         runs['solver="kfac", curvature="fisher"'] = (
@@ -373,7 +384,11 @@ def part_full_batch(steps=(10, 25, 50, 100)):
         loss, (x, y) = p["loss"], p["train"]
         for floor in (0.0, 0.01, 0.1):
             opt = eqx_ggn.gauss_newton(
-                1.0, loss_fn=loss, solver="kfac", kfac_damping_floor=floor
+                1.0,
+                loss_fn=loss,
+                solver="kfac",
+                kfac_damping_floor=floor,
+                **KFAC_EVERY,
             )
             step = make_step(opt, loss, True)
             model = p["model"]
