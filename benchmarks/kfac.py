@@ -30,7 +30,12 @@ Part 4: full batch, `solver="kfac"` with its defaults on the whole training set
 of each problem, `kfac_damping_floor` 0, 0.01 and 0.1: the training objective
 after 10, 25, 50 and 100 steps.
 
-Run: `python benchmarks/kfac.py` (about 8 minutes on 2 CPU cores), or `--budget`
+Part 5: full batch, `solver="kfac"` with its defaults but `kfac_every` 1 and 5
+(the default since session 26), from four initializations of each model: the
+training objective after 25 and 100 steps, the time per step, and the objective
+`kfac_every=5` has reached when `kfac_every=1` has spent its first 25 steps' time.
+
+Run: `python benchmarks/kfac.py` (about 20 minutes on 2 CPU cores), or `--budget`
 to change the seconds per optimizer in part 2 (`--kfac-damping-floor 0` runs its
 `solver="kfac"` rows without the floor; `--kfac-every N` sets `kfac_every` of the
 `solver="kfac"` rows of parts 2 and 4).
@@ -59,7 +64,7 @@ from eqx_ggn._kfac import apply_kfac_inverse, eigendecompose
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--budget", type=float, default=20.0, help="seconds per run")
-parser.add_argument("--parts", default="1234", help="which parts to run")
+parser.add_argument("--parts", default="12345", help="which parts to run")
 parser.add_argument(
     "--kfac-damping-floor",
     type=float,
@@ -370,6 +375,25 @@ def part_kfac_jax():
             print(f"- at: `{where}`")
 
 
+def full_batch_run(problem, model, opt, num_steps):
+    """`num_steps` full-batch steps of `opt` from `model`: the training objective
+    and the seconds spent (compilation excluded) after each step."""
+    p = PROBLEMS[problem]
+    loss, (x, y) = p["loss"], p["train"]
+    step = make_step(opt, loss, True)
+    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    jax.block_until_ready(step(model, state, x, y))  # compile
+    values, times, elapsed = [], [], 0.0
+    for _ in range(num_steps):
+        start = time.perf_counter()
+        model, state, _ = step(model, state, x, y)
+        jax.block_until_ready(model)
+        elapsed += time.perf_counter() - start
+        values.append(float(objective(model, x, y, loss)))
+        times.append(elapsed)
+    return np.array(values), np.array(times)
+
+
 def part_full_batch(steps=(10, 25, 50, 100)):
     """`solver="kfac"` (defaults) on the whole training set, the damping floor
     off, at 0.01 and at 0.1: the training objective after each number of steps."""
@@ -381,30 +405,54 @@ def part_full_batch(steps=(10, 25, 50, 100)):
     )
     print("|---" * (len(steps) + 3) + "|")
     for problem, p in PROBLEMS.items():
-        loss, (x, y) = p["loss"], p["train"]
         for floor in (0.0, 0.01, 0.1):
             opt = eqx_ggn.gauss_newton(
                 1.0,
-                loss_fn=loss,
+                loss_fn=p["loss"],
                 solver="kfac",
                 kfac_damping_floor=floor,
                 **KFAC_EVERY,
             )
-            step = make_step(opt, loss, True)
-            model = p["model"]
-            state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-            jax.block_until_ready(step(model, state, x, y))  # compile
-            values, elapsed = [], 0.0
-            for count in range(1, steps[-1] + 1):
-                start = time.perf_counter()
-                model, state, _ = step(model, state, x, y)
-                jax.block_until_ready(model)
-                elapsed += time.perf_counter() - start
-                if count in steps:
-                    values.append(float(objective(model, x, y, loss)))
-            cells = " | ".join(f"{v:.5g}" for v in values)
-            ms = 1e3 * elapsed / steps[-1]
+            values, times = full_batch_run(problem, p["model"], opt, steps[-1])
+            cells = " | ".join(f"{values[k - 1]:.5g}" for k in steps)
+            ms = 1e3 * times[-1] / steps[-1]
             print(f"| {problem} | {floor:g} | {cells} | {ms:.1f} |", flush=True)
+
+
+MODELS = {
+    "autoencoder": lambda key: Autoencoder(AUTOENCODER_SIZES, key),
+    "digits": lambda key: eqx.nn.MLP(64, 10, 128, 2, activation=jnp.tanh, key=key),
+}
+
+
+def part_kfac_every(seeds=4, num_steps=100):
+    """Full batch, `solver="kfac"` at its defaults with `kfac_every` 1 and 5, from
+    `seeds` initializations: the objective after 25 and 100 steps, and where
+    `kfac_every=5` is when `kfac_every=1` has spent its 25 steps' time."""
+    print(
+        "\n## Part 5: full batch, `kfac_every` 1 and 5 over initializations\n\n"
+        "| problem | seed | kfac_every=1: after 25, 100 steps | ms/step | "
+        "kfac_every=5: after 25, 100 steps | ms/step | kfac_every=5 at "
+        "kfac_every=1's 25-step time |\n|---|---|---|---|---|---|---|"
+    )
+    for problem, p in PROBLEMS.items():
+        for seed in range(seeds):
+            runs = {}
+            for every in (1, 5):
+                opt = eqx_ggn.gauss_newton(
+                    1.0, loss_fn=p["loss"], solver="kfac", kfac_every=every
+                )
+                model = MODELS[problem](jax.random.key(seed))
+                runs[every] = full_batch_run(problem, model, opt, num_steps)
+            (v1, t1), (v5, t5) = runs[1], runs[5]
+            reached = np.searchsorted(t5, t1[24], side="right")
+            at_time = f"{v5[reached - 1]:.4g}" if reached else "(no step yet)"
+            print(
+                f"| {problem} | {seed} | {v1[24]:.4g}, {v1[-1]:.4g} | "
+                f"{1e3 * t1[-1] / num_steps:.1f} | {v5[24]:.4g}, {v5[-1]:.4g} | "
+                f"{1e3 * t5[-1] / num_steps:.1f} | {at_time} |",
+                flush=True,
+            )
 
 
 header()
@@ -416,3 +464,5 @@ if "3" in args.parts:
     part_kfac_jax()
 if "4" in args.parts:
     part_full_batch()
+if "5" in args.parts:
+    part_kfac_every()
