@@ -86,16 +86,23 @@ warnings.simplefilter("ignore", eqx_ggn.GaussNewtonWarning)
 (train_images, train_labels), (test_images, test_labels) = digits()
 
 
+# Each problem's model from a key; part 5 starts it from several.
+MODELS = {
+    "autoencoder": lambda key: Autoencoder(AUTOENCODER_SIZES, key),
+    "digits": lambda key: eqx.nn.MLP(64, 10, 128, 2, activation=jnp.tanh, key=key),
+}
+
+
 PROBLEMS = {
     "autoencoder": dict(
-        model=Autoencoder(AUTOENCODER_SIZES, jax.random.key(0)),
+        model=MODELS["autoencoder"](jax.random.key(0)),
         loss="binary_cross_entropy",
         train=(train_images, train_images),
         test=(test_images, test_images),
         batch_size=512,
     ),
     "digits": dict(
-        model=eqx.nn.MLP(64, 10, 128, 2, activation=jnp.tanh, key=jax.random.key(0)),
+        model=MODELS["digits"](jax.random.key(0)),
         loss="cross_entropy",
         train=(train_images, train_labels),
         test=(test_images, test_labels),
@@ -417,12 +424,6 @@ def part_full_batch(steps=(10, 25, 50, 100)):
             cells = " | ".join(f"{values[k - 1]:.5g}" for k in steps)
             ms = 1e3 * times[-1] / steps[-1]
             print(f"| {problem} | {floor:g} | {cells} | {ms:.1f} |", flush=True)
-
-
-MODELS = {
-    "autoencoder": lambda key: Autoencoder(AUTOENCODER_SIZES, key),
-    "digits": lambda key: eqx.nn.MLP(64, 10, 128, 2, activation=jnp.tanh, key=key),
-}
 
 
 def part_kfac_every(seeds=4, num_steps=100):
