@@ -237,8 +237,9 @@ def autoencoder_workload(budget):
 def mlp_workloads(budget):
     """Two problems outside the three, for `--mlps`: an MLP classifier on
     `sklearn.datasets.make_classification` (40 features, 8 classes; validation
-    loss) and a deep tanh MLP regression of a smooth function of 10 inputs
-    (validation MSE), 5,000 training and 1,000 validation samples each."""
+    loss) and a deep tanh MLP regression of two smooth functions of 10 inputs
+    (validation MSE), 5,000 training and 1,000 validation samples each; the
+    batches are drawn as the digits' are."""
     from sklearn.datasets import make_classification
 
     x, y = make_classification(
