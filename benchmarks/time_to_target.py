@@ -172,12 +172,21 @@ def transformer_workload(budget, width=64, depth=2, heads=4):
     )
 
 
-def digits_batch(x, y, batch_size):
+def random_batches(x, y, batch_size):
+    """`key -> batch`: `batch_size` samples of `(x, y)` drawn without replacement."""
+
     def draw(key):
         index = jax.random.choice(key, len(x), (batch_size,), replace=False)
         return {"input": x[index], "target": y[index]}
 
     return draw
+
+
+def fixed_batch_loss(train_loss, x, y):
+    """`model -> train_loss(model, {"input": x, "target": y})`, compiled: a
+    validation or training value on a fixed set."""
+    batch = {"input": x, "target": y}
+    return eqx.filter_jit(lambda model: train_loss(model, batch))
 
 
 def cnn_workload(budget):
@@ -198,7 +207,7 @@ def cnn_workload(budget):
         1.0 / 128,
         budget,
         CNN,
-        digits_batch(x, y, 128),
+        random_batches(x, y, 128),
         error(xv, yv),
         train_loss,
         error(x, y),
@@ -206,20 +215,16 @@ def cnn_workload(budget):
     )
 
 
+def summed_squared_error(model, batch):
+    """The squared error summed over a sample's outputs, averaged over the batch."""
+    out = jax.vmap(model)(batch["input"])
+    return jnp.mean(jnp.sum((out - batch["target"]) ** 2, -1))
+
+
 def autoencoder_workload(budget):
     (x, _), (xv, _) = digits()
+    train_loss = summed_squared_error
 
-    def train_loss(model, batch):
-        return jnp.mean(
-            jnp.sum((jax.vmap(model)(batch["input"]) - batch["target"]) ** 2, -1)
-        )
-
-    def mse(images):
-        return eqx.filter_jit(
-            lambda model: train_loss(model, {"input": images, "target": images})
-        )
-
-    draw = digits_batch(x, x, 256)
     return Workload(
         "autoencoder",
         "validation MSE (sum over pixels)",
@@ -227,10 +232,10 @@ def autoencoder_workload(budget):
         1.0 / 256,
         budget,
         lambda key: Autoencoder(AUTOENCODER_SIZES, key),
-        lambda key: draw(key),
-        mse(xv),
+        random_batches(x, x, 256),
+        fixed_batch_loss(train_loss, xv, xv),
         train_loss,
-        mse(x),
+        fixed_batch_loss(train_loss, x, x),
     )
 
 
@@ -238,8 +243,7 @@ def mlp_workloads(budget):
     """Two problems outside the three, for `--mlps`: an MLP classifier on
     `sklearn.datasets.make_classification` (40 features, 8 classes; validation
     loss) and a deep tanh MLP regression of two smooth functions of 10 inputs
-    (validation MSE), 5,000 training and 1,000 validation samples each; the
-    batches are drawn as the digits' are."""
+    (validation MSE), 5,000 training and 1,000 validation samples each."""
     from sklearn.datasets import make_classification
 
     x, y = make_classification(
@@ -262,15 +266,8 @@ def mlp_workloads(budget):
     def classification_loss(model, batch):
         return mean_cross_entropy(jax.vmap(model)(batch["input"]), batch["target"])
 
-    def regression_loss(model, batch):
-        out = jax.vmap(model)(batch["input"])
-        return jnp.mean(jnp.sum((out - batch["target"]) ** 2, -1))
-
     def workload(name, metric, loss_fn, train_loss, inputs, targets, model):
-        def value(i):
-            batch = {"input": inputs[i], "target": targets[i]}
-            return eqx.filter_jit(lambda m: train_loss(m, batch))
-
+        train, valid = slice(None, 5000), slice(5000, None)
         return Workload(
             name,
             metric,
@@ -278,10 +275,10 @@ def mlp_workloads(budget):
             1.0 / 128,
             budget,
             model,
-            digits_batch(inputs[:5000], targets[:5000], 128),
-            value(slice(5000, None)),
+            random_batches(inputs[train], targets[train], 128),
+            fixed_batch_loss(train_loss, inputs[valid], targets[valid]),
             train_loss,
-            value(slice(None, 5000)),
+            fixed_batch_loss(train_loss, inputs[train], targets[train]),
         )
 
     return [
@@ -298,7 +295,7 @@ def mlp_workloads(budget):
             "mlp regression",
             "validation MSE",
             "mse",
-            regression_loss,
+            summed_squared_error,
             u,
             t,
             lambda key: eqx.nn.MLP(10, 2, 64, 4, activation=jnp.tanh, key=key),
