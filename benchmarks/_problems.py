@@ -17,6 +17,31 @@ def digits(split=1347):
     return (images[:split], labels[:split]), (images[split:], labels[split:])
 
 
+def curves(num_train=20_000, num_valid=2_000, size=8, seed=0):
+    """`train, valid`: generated `size x size` images in [0, 1], flattened, of
+    random quadratic Bezier curves, after the CURVES data of Hinton and
+    Salakhutdinov (2006) that Martens (2010) trains the deep autoencoder on.
+    Each image draws three control points uniformly in the grid and adds a
+    Gaussian blob (standard deviation 0.6 pixels) at 32 points along the curve,
+    with the intensity the maximum over the blobs. Made here, from `seed`: as
+    many images as asked, no download."""
+    rng = np.random.default_rng(seed)
+    n = num_train + num_valid
+    control = rng.uniform(0, size - 1, (n, 3, 2))
+    t = np.linspace(0, 1, 32)[None, :, None]
+    points = (
+        (1 - t) ** 2 * control[:, :1]
+        + 2 * t * (1 - t) * control[:, 1:2]
+        + t**2 * control[:, 2:]
+    )  # (n, 32, 2)
+    grid = np.stack(np.meshgrid(np.arange(size), np.arange(size), indexing="ij"), -1)
+    distance = np.sum(
+        (grid.reshape(1, 1, -1, 2) - points[:, :, None, :]) ** 2, -1
+    )  # (n, 32, size * size)
+    images = np.max(np.exp(-distance / (2 * 0.6**2)), 1).astype(np.float32)
+    return jnp.asarray(images[:num_train]), jnp.asarray(images[num_train:])
+
+
 class Autoencoder(eqx.Module):
     """Martens' (2010) deep autoencoder shape: tanh between Linear layers."""
 
