@@ -235,10 +235,10 @@ def autoencoder_workload(budget, data="digits"):
     the training value does."""
     if data == "curves":
         x, xv = curves()
-    else:
+    elif data == "digits":
         (x, _), (xv, _) = digits()
-    train_loss = summed_squared_error
-
+    else:
+        raise ValueError(f"data must be 'digits' or 'curves', got {data!r}.")
     return Workload(
         "autoencoder" if data == "digits" else f"autoencoder on {data}",
         "validation MSE (sum over pixels)",
@@ -246,10 +246,10 @@ def autoencoder_workload(budget, data="digits"):
         1.0 / 256,
         budget,
         lambda key: Autoencoder(AUTOENCODER_SIZES, key),
-        random_batches(x, x, 256, replace=data != "digits"),
-        fixed_batch_loss(train_loss, xv, xv),
-        train_loss,
-        fixed_batch_loss(train_loss, x, x),
+        random_batches(x, x, 256, replace=data == "curves"),
+        fixed_batch_loss(summed_squared_error, xv, xv),
+        summed_squared_error,
+        fixed_batch_loss(summed_squared_error, x, x),
     )
 
 
