@@ -17,17 +17,11 @@ def digits(split=1347):
     return (images[:split], labels[:split]), (images[split:], labels[split:])
 
 
-def curves(num_train=20_000, num_valid=2_000, size=8, seed=0):
-    """`train, valid`: generated `size x size` images in [0, 1], flattened, of
-    random quadratic Bezier curves, after the CURVES data of Hinton and
-    Salakhutdinov (2006) that Martens (2010) trains the deep autoencoder on.
-    Each image draws three control points uniformly in the grid and adds a
-    Gaussian blob (standard deviation 0.6 pixels) at 32 points along the curve,
-    with the intensity the maximum over the blobs. Made here, from `seed`: as
-    many images as asked, no download."""
-    rng = np.random.default_rng(seed)
-    n = num_train + num_valid
-    control = rng.uniform(0, size - 1, (n, 3, 2))
+def curve_images(control, size):
+    """Images `(n, size * size)` in [0, 1] of the quadratic Bezier curves with
+    control points `control` `(n, 3, 2)`: a Gaussian blob (standard deviation
+    0.6 pixels) at 32 points along each curve, the intensity the maximum over
+    the blobs."""
     t = np.linspace(0, 1, 32)[None, :, None]
     points = (
         (1 - t) ** 2 * control[:, :1]
@@ -38,8 +32,43 @@ def curves(num_train=20_000, num_valid=2_000, size=8, seed=0):
     distance = np.sum(
         (grid.reshape(1, 1, -1, 2) - points[:, :, None, :]) ** 2, -1
     )  # (n, 32, size * size)
-    images = np.max(np.exp(-distance / (2 * 0.6**2)), 1).astype(np.float32)
+    return np.max(np.exp(-distance / (2 * 0.6**2)), 1).astype(np.float32)
+
+
+def curves(num_train=20_000, num_valid=2_000, size=8, seed=0):
+    """`train, valid`: generated `size x size` images, flattened, of random
+    quadratic Bezier curves (`curve_images`), after the CURVES data of Hinton
+    and Salakhutdinov (2006) that Martens (2010) trains the deep autoencoder on.
+    Each image draws three control points uniformly in the grid. Made here,
+    from `seed`: as many images as asked, no download."""
+    rng = np.random.default_rng(seed)
+    images = curve_images(rng.uniform(0, size - 1, (num_train + num_valid, 3, 2)), size)
     return jnp.asarray(images[:num_train]), jnp.asarray(images[num_train:])
+
+
+def curve_classes(num_train=60_000, num_valid=10_000, size=8, seed=1):
+    """`(train_x, train_y), (valid_x, valid_y)`: the images of `curves` with
+    one of 10 labels: the direction of the chord from the first control point
+    to the last, taken modulo 180 degrees (a curve has no start) and cut into 5
+    equal sectors, times the side of the chord that the curve bends to. A
+    classifier must find both from the pixels, and curves near a sector's edge
+    or nearly straight are ambiguous at 8x8, so the error falls for as long as
+    it trains, and the training images are too many to learn by heart within
+    the benchmark's budget."""
+    rng = np.random.default_rng(seed)
+    control = rng.uniform(0, size - 1, (num_train + num_valid, 3, 2))
+    chord = control[:, 2] - control[:, 0]
+    angle = np.arctan2(chord[:, 1], chord[:, 0])  # (-180, 180] degrees
+    chord = np.where((angle < 0)[:, None], -chord, chord)  # pointing into [0, 180)
+    bend = control[:, 1] - (control[:, 0] + control[:, 2]) / 2
+    side = chord[:, 0] * bend[:, 1] - chord[:, 1] * bend[:, 0] > 0
+    sector = np.minimum((angle % np.pi / np.pi * 5).astype(int), 4)
+    labels = jnp.asarray(2 * sector + side)
+    images = jnp.asarray(curve_images(control, size))
+    return (
+        (images[:num_train], labels[:num_train]),
+        (images[num_train:], labels[num_train:]),
+    )
 
 
 class Autoencoder(eqx.Module):
