@@ -1094,7 +1094,8 @@ KNOBS = [
 
 
 def knobs(workload):
-    """The default KFAC row's settings against the changes in `KNOBS`."""
+    """The default KFAC row's settings against the changes in `KNOBS`, with the
+    Levenberg-Marquardt rule's accepted fraction and final damping."""
 
     def factory(knob, steps):
         return gn(workload, solver="kfac", curvature="fisher", kfac_every=5, **knob)
@@ -1103,7 +1104,7 @@ def knobs(workload):
         (", ".join(f"{k}={v!r}" for k, v in knob.items()) or "(defaults)", knob)
         for knob in KNOBS
     ]
-    sweep(workload, "change", settings, factory)
+    sweep(workload, "change", settings, factory, count_accepted=True)
 
 
 def main():
