@@ -58,8 +58,8 @@ def curve_classes(num_train=60_000, num_valid=10_000, size=8, seed=1):
     rng = np.random.default_rng(seed)
     control = rng.uniform(0, size - 1, (num_train + num_valid, 3, 2))
     chord = control[:, 2] - control[:, 0]
-    angle = np.arctan2(chord[:, 1], chord[:, 0])  # (-180, 180] degrees
-    chord = np.where((angle < 0)[:, None], -chord, chord)  # pointing into [0, 180)
+    angle = np.arctan2(chord[:, 1], chord[:, 0])  # in (-pi, pi]
+    chord = np.where((angle < 0)[:, None], -chord, chord)  # now in [0, pi]
     bend = control[:, 1] - (control[:, 0] + control[:, 2]) / 2
     side = chord[:, 0] * bend[:, 1] - chord[:, 1] * bend[:, 0] > 0
     sector = np.minimum((angle % np.pi / np.pi * 5).astype(int), 4)
