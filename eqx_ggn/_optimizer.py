@@ -1262,7 +1262,9 @@ def scale_by_gauss_newton(
         tokens) and costs where a few samples carry the curvature (a
         classifier near convergence): measured in the docs' KFAC page. It
         applies to batches of 29 samples or more, without micro-batches or
-        `relinearize`.
+        `relinearize`. The choice is a `lax.cond`: under `jax.vmap` over
+        several runs' states it becomes a select, and every step pays for both
+        ways.
     - `kfac_damping_floor`: with `solver="kfac"` and `adaptive_damping`, the KFAC
         inverse is damped with at least this fraction of the KFAC approximation's
         mean eigenvalue `tr(KFAC) / P`, however low the Levenberg-Marquardt `λ`
