@@ -42,6 +42,27 @@ def check_data(data: Any, name: str = "data") -> int:
     return first_shape[0]
 
 
+def is_number(x: Any) -> bool:
+    """A Python `int` or `float` (not a `bool`, not an array): a value fixed when
+    the optimizer is built, which a check can read."""
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_numbers(**values: tuple[Any, float, float]) -> None:
+    """`name=(value, low, high)`: each Python number must lie in `[low, high]`;
+    arrays (e.g. from `optax.inject_hyperparams`) are not checked."""
+    for name, (value, low, high) in values.items():
+        if is_number(value) and not low <= value <= high:
+            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
+
+
+def check_counts(**values: Any) -> None:
+    """Each Python number must be a positive `int` (a period in steps)."""
+    for name, value in values.items():
+        if is_number(value) and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
 def check_params(params: PyTree) -> None:
     """Every leaf of `params` must be a floating-point (or complex) array."""
     leaves = jax.tree_util.tree_leaves_with_path(params)

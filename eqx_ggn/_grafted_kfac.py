@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int
 
+from ._checks import check_counts, check_numbers
 from ._grafting import scale_by_grafting
 from ._kfac import (
     MAX_DIM,
@@ -15,7 +16,7 @@ from ._kfac import (
     update_kfac_state,
     zero_state,
 )
-from ._losses import LossFn
+from ._losses import LossFn, resolve_loss
 
 
 class ScaleByKFACState(NamedTuple):
@@ -86,7 +87,13 @@ def scale_by_kfac(
         assert flat(step) @ flat(grads) > 0  # a descent direction
         ```
     """
+    resolve_loss(loss_fn)  # raises for an unknown name
     check_weight_sharing(weight_sharing)
+    check_counts(kfac_every=kfac_every, kfac_inverse_every=kfac_inverse_every)
+    check_numbers(
+        relative_damping=(relative_damping, 0, float("inf")),
+        kfac_decay=(kfac_decay, 0, 1),
+    )
     if curvature not in ("fisher", "ggn"):
         raise ValueError(f"curvature must be 'fisher' or 'ggn', got {curvature!r}.")
     if kfac_max_dim is None:  # a default of None stays static under inject_hyperparams
@@ -216,6 +223,7 @@ def grafted_kfac(
         assert accuracy > 0.95, accuracy
         ```
     """
+    check_numbers(momentum=(momentum, 0, 1), b2=(b2, 0, 1), eps=(eps, 0, float("inf")))
     kfac = scale_by_kfac(
         loss_fn,
         curvature=curvature,

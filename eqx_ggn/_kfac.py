@@ -43,6 +43,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._batching import vary_over_shards
+from ._checks import check_data
 from ._conv import conv_patches, with_matmul_convs
 from ._jacobian import check_jac
 from ._losses import LossFn, loss_hessian_root, resolve_loss
@@ -482,8 +483,8 @@ def curvature_statistics(
     """The KFAC factors of one batch, aligned with `trained` (see `kfac_factors`):
     one forward pass and one backward pass per pulled-back column."""
     check_weight_sharing(weight_sharing)
+    num_samples = check_data(batch, "batch")
     inputs, target = batch["input"], batch["target"]
-    num_samples = jax.tree.leaves(inputs)[0].shape[0]
     specs, others = [], []
     _map_blocks(
         lambda node, spec: specs.append(spec),

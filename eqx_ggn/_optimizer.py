@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._batching import sum_over_shards
 from ._cg import CGResult
-from ._checks import check_like
+from ._checks import check_counts, check_like, check_numbers, is_number
 from ._diagnostics import is_definite, step_diagnostics, warn_if
 from ._jacobian import check_jac
 from ._kfac import (
@@ -249,18 +249,8 @@ class _Config(eqx.Module, strict=True):
         return self.solver == "kfac" or self.preconditioner == "kfac"
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def _check_numbers(**values: Any) -> None:
-    for name, (value, low, high) in values.items():
-        if _is_number(value) and not low <= value <= high:
-            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
-
-
 def _check_kl_clip(kl_clip: Any) -> None:
-    if _is_number(kl_clip) and not kl_clip > 0:
+    if is_number(kl_clip) and not kl_clip > 0:
         raise ValueError(
             f"kl_clip must be positive, got {kl_clip} (0 would scale every step "
             "to zero); kl_clip=None turns the clipping off."
@@ -268,7 +258,7 @@ def _check_kl_clip(kl_clip: Any) -> None:
 
 
 def _check_rescale_tol(tol: Any, solver: str, kfac_rescale: bool) -> None:
-    if _is_number(tol) and tol > 0 and not (solver == "kfac" and kfac_rescale):
+    if is_number(tol) and tol > 0 and not (solver == "kfac" and kfac_rescale):
         raise ValueError(
             "kfac_rescale_tol sets where KFAC's rescaling takes its curvature and "
             f"needs solver='kfac' and kfac_rescale=True, got solver={solver!r}, "
@@ -277,7 +267,7 @@ def _check_rescale_tol(tol: Any, solver: str, kfac_rescale: bool) -> None:
 
 
 def _check_maxiter(cg_maxiter: Any) -> None:
-    if _is_number(cg_maxiter):
+    if is_number(cg_maxiter):
         if not isinstance(cg_maxiter, int) or cg_maxiter < 1:
             raise ValueError(f"cg_maxiter must be a positive int, got {cg_maxiter!r}.")
     elif not (
@@ -1385,8 +1375,7 @@ def scale_by_gauss_newton(
         weight_sharing=weight_sharing,
         kfac_max_dim=MAX_DIM if kfac_max_dim is None else kfac_max_dim,
         kfac_rescale=kfac_rescale,
-        heavy_ball=momentum is not None
-        and not (_is_number(momentum) and momentum == 0),
+        heavy_ball=momentum is not None and not (is_number(momentum) and momentum == 0),
         adaptive_momentum=adaptive_momentum,
         vmap_over_data=vmap_over_data,
         num_microbatches=1 if num_microbatches is None else num_microbatches,
@@ -1397,7 +1386,8 @@ def scale_by_gauss_newton(
         axis_name=axis_name,
     )
     _check_maxiter(cg_maxiter)
-    _check_numbers(
+    check_counts(kfac_every=kfac_every, kfac_inverse_every=kfac_inverse_every)
+    check_numbers(
         damping=(damping, 0, float("inf")),
         min_damping=(min_damping, 0, float("inf")),  # None: by solver
         max_damping=(max_damping, 0, float("inf")),
@@ -1406,8 +1396,6 @@ def scale_by_gauss_newton(
         warm_start_decay=(warm_start_decay, 0, 1),
         diagonal_decay=(diagonal_decay, 0, 1),
         kfac_decay=(kfac_decay, 0, 1),
-        kfac_every=(kfac_every, 1, float("inf")),
-        kfac_inverse_every=(kfac_inverse_every, 1, float("inf")),
         kfac_damping_floor=(kfac_damping_floor, 0, float("inf")),
         kfac_rescale_tol=(kfac_rescale_tol, 0, float("inf")),
         damping_decrease=(damping_decrease, 0, 1),

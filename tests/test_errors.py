@@ -185,5 +185,9 @@ def test_optimizer_errors_name_the_fix():
             eqx_ggn.gauss_newton(1.0, kl_clip=kl_clip)
     with pytest.raises(ValueError, match=r"kfac_damping_floor must lie in \[0,"):
         eqx_ggn.gauss_newton(1.0, solver="kfac", kfac_damping_floor=-0.1)
+    with pytest.raises(
+        ValueError, match=r"kfac_every must be a positive int, got 2\.5"
+    ):
+        eqx_ggn.gauss_newton(1.0, solver="kfac", kfac_every=2.5)
     with pytest.raises(ValueError, match=r"kfac_rescale_tol .* needs solver='kfac'"):
         eqx_ggn.gauss_newton(1.0, kfac_rescale_tol=0.25)  # CG has no rescaling

@@ -204,3 +204,27 @@ def test_scale_by_kfac_rejects_bad_input(x64):
         eqx_ggn.scale_by_kfac(curvature="hessian")
     with pytest.raises(ValueError, match="kfac_max_dim"):
         eqx_ggn.scale_by_kfac(kfac_max_dim=2.5)
+    # A batch without targets, or with another batch size, is named before any
+    # factor is drawn; so is the same batch given to kfac_factors.
+    with pytest.raises(ValueError, match=r"keys 'input' and 'target'.*got \['input'\]"):
+        tx.update(
+            params, tx.init(params), params, model=net, batch={"input": batch["input"]}
+        )
+    short = {"input": batch["input"], "target": batch["target"][:3]}
+    with pytest.raises(ValueError, match=r"Batch axes differ: .* \(batch 3\)"):
+        tx.update(params, tx.init(params), params, model=net, batch=short)
+    with pytest.raises(ValueError, match=r"Batch axes differ"):
+        eqx_ggn.kfac_factors(net, short, "cross_entropy")
+    # Numbers out of range are named when the optimizer is built.
+    bad = [
+        (r"kfac_every must be a positive int, got 0", dict(kfac_every=0)),
+        (r"kfac_inverse_every .* int, got 2\.5", dict(kfac_inverse_every=2.5)),
+        (r"kfac_decay must lie in \[0, 1\], got 1\.5", dict(kfac_decay=1.5)),
+        (r"relative_damping .* \[0, inf\], got -1\.0", dict(relative_damping=-1.0)),
+        (r"momentum must lie in \[0, 1\], got 1\.5", dict(momentum=1.5)),
+        (r"eps must lie in \[0, inf\], got -1\.0", dict(eps=-1.0)),
+        (r"Unknown loss_fn 'crossentropy'", dict(loss_fn="crossentropy")),
+    ]
+    for message, kwargs in bad:
+        with pytest.raises(ValueError, match=message):
+            eqx_ggn.grafted_kfac(1e-2, **kwargs)
