@@ -58,6 +58,12 @@ def scale_by_grafting(
                             grads["w"] / 5.0)
         ```
     """
+    for name, tx in (("direction", direction), ("magnitude", magnitude)):
+        if not isinstance(tx, optax.GradientTransformation):
+            raise ValueError(
+                f"scale_by_grafting's {name} must be an optax.GradientTransformation "
+                f"(e.g. optax.scale_by_adam()), got {type(tx).__name__}."
+            )
     direction = optax.with_extra_args_support(direction)
 
     def init(params):

@@ -43,7 +43,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._batching import vary_over_shards
-from ._checks import check_data
+from ._checks import check_data, check_numbers
 from ._conv import conv_patches, with_matmul_convs
 from ._jacobian import check_jac
 from ._losses import LossFn, loss_hessian_root, resolve_loss
@@ -874,6 +874,7 @@ def kfac_inverse(factors: PyTree, damping: float | Float[Array, ""]) -> Callable
         assert flat(step) @ flat(grad) > 0  # a descent direction
         ```
     """
+    check_numbers(damping=(damping, 0, float("inf")))
     eigen = eigendecompose(factors)
     return lambda vector: apply_kfac_inverse(eigen, vector, damping)
 

@@ -228,3 +228,7 @@ def test_scale_by_kfac_rejects_bad_input(x64):
     for message, kwargs in bad:
         with pytest.raises(ValueError, match=message):
             eqx_ggn.grafted_kfac(1e-2, **kwargs)
+    with pytest.raises(ValueError, match=r"damping must lie in \[0, inf\], got -1"):
+        eqx_ggn.kfac_inverse(eqx_ggn.kfac_factors(net, batch, "cross_entropy"), -1.0)
+    with pytest.raises(ValueError, match=r"magnitude must be an optax\.Gradient"):
+        eqx_ggn.scale_by_grafting(optax.identity(), 1.0)
