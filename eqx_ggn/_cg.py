@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
+from ._checks import check_numbers
 from ._tree import tree_dot
 
 
@@ -145,6 +146,9 @@ def cg(
     static_maxiter = isinstance(maxiter, int) and not isinstance(maxiter, bool)
     if static_maxiter and maxiter < 0:
         raise ValueError(f"maxiter must be non-negative, got {maxiter!r}.")
+    check_numbers(
+        tol=(tol, 0, float("inf")), progress_tol=(progress_tol, 0, float("inf"))
+    )
     if not static_maxiter and not (
         jnp.ndim(maxiter) == 0 and jnp.issubdtype(jnp.result_type(maxiter), jnp.integer)
     ):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._checks import check_data, check_params
+from ._checks import check_data, check_params, is_number
 from ._losses import LossFn, check_target, resolve_loss
 from ._operator import forward
 
@@ -70,6 +70,11 @@ def _check_iters(num_iters: int, size: int, name: str = "num_iters") -> int:
     if not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"{name} must be a positive int, got {num_iters!r}.")
     return min(num_iters, size)
+
+
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None:
+        _check_iters(batch_size, batch_size, "batch_size")
 
 
 def top_eigenvalues(
@@ -177,6 +182,7 @@ def hutchinson_trace(
     """
     flat_mv, _, size, dtype = _flat_mv(mv, params)
     _check_iters(num_samples, num_samples, "num_samples")
+    _check_batch_size(batch_size)
     probes = _rademacher(key, num_samples, size, dtype)
     quad = jax.lax.map(lambda z: jnp.vdot(z, flat_mv(z)), probes, batch_size=batch_size)
     stderr = jnp.std(quad, ddof=1) / jnp.sqrt(num_samples) if num_samples > 1 else 0.0
@@ -214,6 +220,7 @@ def hutchinson_diagonal(
     """
     flat_mv, unravel, size, dtype = _flat_mv(mv, params)
     _check_iters(num_samples, num_samples, "num_samples")
+    _check_batch_size(batch_size)
     probes = _rademacher(key, num_samples, size, dtype)
     prods = jax.lax.map(lambda z: z * flat_mv(z), probes, batch_size=batch_size)
     return unravel(jnp.mean(prods, axis=0).astype(ravel_pytree(params)[0].dtype))
@@ -337,6 +344,11 @@ def spectral_density(
     flat_mv, _, size, dtype = _flat_mv(mv, params)
     m = _check_iters(num_iters, size)
     _check_iters(num_samples, num_samples, "num_samples")
+    _check_iters(num_points, num_points, "num_points")
+    if is_number(sigma) and not sigma > 0:
+        raise ValueError(
+            f"sigma must be positive (or None for 1% of the range), got {sigma}."
+        )
     probes = _rademacher(key, num_samples, size, dtype)
 
     def quadrature(z):

@@ -136,6 +136,8 @@ def test_vmap_over_right_hand_sides():
     assert_rel_close(solve(bs), jnp.linalg.solve(a, bs.T).T, tol=1e-10)
 
 
-def test_bad_maxiter():
+def test_bad_maxiter_and_tol():
     with pytest.raises(ValueError, match="maxiter"):
         eqx_ggn.cg(lambda v: v, jnp.ones(2), maxiter=2.5)
+    with pytest.raises(ValueError, match=r"tol must lie in \[0, inf\], got -1\.0"):
+        eqx_ggn.cg(lambda v: v, jnp.ones(2), tol=-1.0)

@@ -118,3 +118,10 @@ def test_bad_sizes(problem):
         eqx_ggn.top_eigenvalues(op, params, 0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_samples"):
         eqx_ggn.hutchinson_trace(op, params, key=jax.random.key(0), num_samples=0)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        eqx_ggn.hutchinson_diagonal(op, params, key=key, batch_size=0)
+    with pytest.raises(ValueError, match="num_points must be a positive int, got 0"):
+        eqx_ggn.spectral_density(op, params, key=key, num_points=0)
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        eqx_ggn.spectral_density(op, params, key=key, sigma=-1.0)
