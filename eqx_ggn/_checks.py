@@ -56,6 +56,21 @@ def check_numbers(**values: tuple[Any, float, float]) -> None:
             raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
 
 
+def check_positive(**values: Any) -> None:
+    """Each Python number must be above 0."""
+    for name, value in values.items():
+        if is_number(value) and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}.")
+
+
+def check_ordered(**values: Any) -> None:
+    """Two settings, named low then high: when both are Python numbers, the first
+    must not exceed the second."""
+    (low_name, low), (high_name, high) = values.items()
+    if is_number(low) and is_number(high) and low > high:
+        raise ValueError(f"{low_name} ({low}) must not exceed {high_name} ({high}).")
+
+
 def check_counts(**values: Any) -> None:
     """Each Python number must be a positive `int` (a period in steps)."""
     for name, value in values.items():

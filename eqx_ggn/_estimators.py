@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._checks import check_data, check_params, is_number
+from ._checks import check_data, check_params, check_positive
 from ._losses import LossFn, check_target, resolve_loss
 from ._operator import forward
 
@@ -272,6 +272,7 @@ def exact_diagonal(
     batch_size = check_data(data)
     check_params(params)
     _, hessian_mv = resolve_loss(loss_fn)
+    check_positive(factor=factor)
     factor = 1.0 / batch_size if factor is None else factor
     x, y = data["input"], data["target"]
     pred = forward(model_fn, params, x, True)
@@ -345,10 +346,7 @@ def spectral_density(
     m = _check_iters(num_iters, size)
     _check_iters(num_samples, num_samples, "num_samples")
     _check_iters(num_points, num_points, "num_points")
-    if is_number(sigma) and not sigma > 0:
-        raise ValueError(
-            f"sigma must be positive (or None for 1% of the range), got {sigma}."
-        )
+    check_positive(sigma=sigma)  # None: 1% of the nodes' range
     probes = _rademacher(key, num_samples, size, dtype)
 
     def quadrature(z):

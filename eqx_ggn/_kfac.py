@@ -43,7 +43,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._batching import vary_over_shards
-from ._checks import check_data, check_numbers
+from ._checks import check_data, check_numbers, check_positive
 from ._conv import conv_patches, with_matmul_convs
 from ._jacobian import check_jac
 from ._losses import LossFn, loss_hessian_root, resolve_loss
@@ -662,6 +662,7 @@ def kfac_factors(
         ```
     """
     check_jac(jac)
+    check_positive(factor=factor)
     return _jitted_statistics(
         model,
         eqx.filter(model, filter_spec),

@@ -17,7 +17,7 @@ from ._batching import (
     to_microbatches,
     vary_over_shards,
 )
-from ._checks import check_data, check_like, check_params
+from ._checks import check_data, check_like, check_params, check_positive
 from ._jacobian import Jac, Jacobian, check_jac, linearize
 from ._losses import LossFn, check_target, resolve_loss
 from ._partition import module_fn, partition
@@ -630,6 +630,7 @@ def curvature_operator(
 
     dtype = jnp.result_type(*jax.tree.leaves(params))
     params = vary_over_shards(params, axis_name)
+    check_positive(factor=factor)
     if factor is None:
         shards = 1 if axis_name is None else jax.lax.psum(1, axis_name)
         factor = 1.0 / (batch_size * shards)

@@ -13,7 +13,14 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._batching import sum_over_shards
 from ._cg import CGResult
-from ._checks import check_counts, check_like, check_numbers, is_number
+from ._checks import (
+    check_counts,
+    check_like,
+    check_numbers,
+    check_ordered,
+    check_positive,
+    is_number,
+)
 from ._diagnostics import is_definite, step_diagnostics, warn_if
 from ._jacobian import check_jac
 from ._kfac import (
@@ -1401,7 +1408,14 @@ def scale_by_gauss_newton(
         damping_decrease=(damping_decrease, 0, 1),
         damping_increase=(damping_increase, 1, float("inf")),
         warn_after=(warn_after, 1, float("inf")),
+        lower_threshold=(lower_threshold, 0, 1),
+        upper_threshold=(upper_threshold, 0, 1),
+        cg_progress_tol=(cg_progress_tol, 0, float("inf")),
+        max_matrix_bytes=(max_matrix_bytes, 1, float("inf")),
     )
+    check_ordered(lower_threshold=lower_threshold, upper_threshold=upper_threshold)
+    check_ordered(min_damping=min_damping, max_damping=max_damping)
+    check_positive(factor=factor)
     _check_kl_clip(kl_clip)
     _check_rescale_tol(kfac_rescale_tol, solver, kfac_rescale)
     cg_options = _CGOptions(cg_maxiter, cg_tol, cg_progress_tol, warm_start_decay)

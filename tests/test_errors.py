@@ -191,3 +191,22 @@ def test_optimizer_errors_name_the_fix():
         eqx_ggn.gauss_newton(1.0, solver="kfac", kfac_every=2.5)
     with pytest.raises(ValueError, match=r"kfac_rescale_tol .* needs solver='kfac'"):
         eqx_ggn.gauss_newton(1.0, kfac_rescale_tol=0.25)  # CG has no rescaling
+    # Settings that contradict each other or flip the objective's sign.
+    bad = [
+        (
+            r"lower_threshold \(0\.9\) must not exceed upper_threshold \(0\.1\)",
+            dict(lower_threshold=0.9, upper_threshold=0.1),
+        ),
+        (
+            r"min_damping \(10\.0\) must not exceed max_damping \(1\.0\)",
+            dict(min_damping=10.0, max_damping=1.0),
+        ),
+        (r"factor must be positive, got -1\.0", dict(factor=-1.0)),
+        (r"cg_progress_tol must lie in \[0, inf\]", dict(cg_progress_tol=-1.0)),
+        (r"max_matrix_bytes must lie in \[1, inf\]", dict(max_matrix_bytes=0)),
+    ]
+    for message, kwargs in bad:
+        with pytest.raises(ValueError, match=message):
+            eqx_ggn.gauss_newton(1.0, **kwargs)
+    with pytest.raises(ValueError, match=r"factor must be positive, got 0\.0"):
+        eqx_ggn.curvature_operator(model=model, data=data, loss_fn="mse", factor=0.0)
