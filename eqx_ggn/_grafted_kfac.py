@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int
 
-from ._checks import check_counts, check_numbers
+from ._checks import check_counts, check_like, check_numbers
 from ._grafting import scale_by_grafting
 from ._kfac import (
     MAX_DIM,
@@ -118,6 +118,7 @@ def scale_by_kfac(
                 "batch={'input': X, 'target': Y}): KFAC finds the layers of an "
                 "Equinox module and draws its factors from the batch."
             )
+        check_like("updates", updates, params, "params")
         statistics = step_statistics(
             model,
             params,

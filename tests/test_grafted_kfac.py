@@ -215,6 +215,8 @@ def test_scale_by_kfac_rejects_bad_input(x64):
         tx.update(params, tx.init(params), params, model=net, batch=short)
     with pytest.raises(ValueError, match=r"Batch axes differ"):
         eqx_ggn.kfac_factors(net, short, "cross_entropy")
+    with pytest.raises(ValueError, match=r"updates has pytree structure"):
+        tx.update({"w": jnp.ones(2)}, tx.init(params), params, model=net, batch=batch)
     # Numbers out of range are named when the optimizer is built.
     bad = [
         (r"kfac_every must be a positive int, got 0", dict(kfac_every=0)),
