@@ -546,8 +546,9 @@ def step_memory(step, model, state, key):
 
 def steps_in_budget(workload, opt, curvature, model, seed, probe_s=0.5):
     """How many steps the budget holds, for the schedules that need a length
-    (AdamW's warmup-cosine): after three warm-up steps, steps run back to back,
-    as in training, in chunks that double until `probe_s` seconds have passed.
+    (AdamW's, grafted_kfac's, the cosine KFAC rows'): after three warm-up
+    steps, steps run back to back, as in training, in chunks that double until
+    `probe_s` seconds have passed.
     On a step of 2 ms, three steps timed alone read 4% to 30% slow and a whole
     run's steps ran faster still, so the schedules of session 29's CNN on curves
     ended at 52% to 85% of the budget (2026-12-06). Its batches have their own

@@ -71,11 +71,18 @@ def check_ordered(**values: Any) -> None:
         raise ValueError(f"{low_name} ({low}) must not exceed {high_name} ({high}).")
 
 
-def check_counts(**values: Any) -> None:
-    """Each Python number must be a positive `int` (a period in steps)."""
+def check_sizes(**values: Any) -> None:
+    """Each must be a Python `int` of at least 1: a size or a loop length fixed
+    at trace time, so an array is refused too."""
     for name, value in values.items():
-        if is_number(value) and not (isinstance(value, int) and value >= 1):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def check_periods(**values: Any) -> None:
+    """Each Python number must be a positive `int` (a period in steps); an array
+    (from `optax.inject_hyperparams`) is not checked."""
+    check_sizes(**{name: v for name, v in values.items() if is_number(v)})
 
 
 def check_params(params: PyTree) -> None:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._checks import check_data, check_params, check_positive
+from ._checks import check_data, check_params, check_positive, check_sizes
 from ._losses import LossFn, check_target, resolve_loss
 from ._operator import forward
 
@@ -66,15 +66,9 @@ def _lanczos(flat_mv: Callable, v0: Array, num_iters: int) -> tuple[Array, Array
     return tri, basis[:m]
 
 
-def _check_iters(num_iters: int, size: int, name: str = "num_iters") -> int:
-    if not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"{name} must be a positive int, got {num_iters!r}.")
-    return min(num_iters, size)
-
-
 def _check_batch_size(batch_size: int | None) -> None:
-    if batch_size is not None:
-        _check_iters(batch_size, batch_size, "batch_size")
+    if batch_size is not None:  # None: every probe at once
+        check_sizes(batch_size=batch_size)
 
 
 def top_eigenvalues(
@@ -121,7 +115,8 @@ def top_eigenvalues(
         ```
     """
     flat_mv, unravel, size, dtype = _flat_mv(mv, params)
-    m = _check_iters(num_iters, size)
+    check_sizes(num_iters=num_iters)
+    m = min(num_iters, size)
     if not isinstance(k, int) or not 1 <= k <= m:
         raise ValueError(f"k must be an int in [1, {m}], got {k!r}.")
     v0 = _rademacher(key, 1, size, dtype)[0]
@@ -181,7 +176,7 @@ def hutchinson_trace(
         ```
     """
     flat_mv, _, size, dtype = _flat_mv(mv, params)
-    _check_iters(num_samples, num_samples, "num_samples")
+    check_sizes(num_samples=num_samples)
     _check_batch_size(batch_size)
     probes = _rademacher(key, num_samples, size, dtype)
     quad = jax.lax.map(lambda z: jnp.vdot(z, flat_mv(z)), probes, batch_size=batch_size)
@@ -219,7 +214,7 @@ def hutchinson_diagonal(
         ```
     """
     flat_mv, unravel, size, dtype = _flat_mv(mv, params)
-    _check_iters(num_samples, num_samples, "num_samples")
+    check_sizes(num_samples=num_samples)
     _check_batch_size(batch_size)
     probes = _rademacher(key, num_samples, size, dtype)
     prods = jax.lax.map(lambda z: z * flat_mv(z), probes, batch_size=batch_size)
@@ -343,9 +338,10 @@ def spectral_density(
         ```
     """
     flat_mv, _, size, dtype = _flat_mv(mv, params)
-    m = _check_iters(num_iters, size)
-    _check_iters(num_samples, num_samples, "num_samples")
-    _check_iters(num_points, num_points, "num_points")
+    check_sizes(num_iters=num_iters)
+    m = min(num_iters, size)
+    check_sizes(num_samples=num_samples)
+    check_sizes(num_points=num_points)
     check_positive(sigma=sigma)  # None: 1% of the nodes' range
     probes = _rademacher(key, num_samples, size, dtype)
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int
 
-from ._checks import check_counts, check_like, check_numbers
+from ._checks import check_like, check_numbers, check_periods
 from ._grafting import scale_by_grafting
 from ._kfac import (
     MAX_DIM,
@@ -89,7 +89,7 @@ def scale_by_kfac(
     """
     resolve_loss(loss_fn)  # raises for an unknown name
     check_weight_sharing(weight_sharing)
-    check_counts(kfac_every=kfac_every, kfac_inverse_every=kfac_inverse_every)
+    check_periods(kfac_every=kfac_every, kfac_inverse_every=kfac_inverse_every)
     check_numbers(
         relative_damping=(relative_damping, 0, float("inf")),
         kfac_decay=(kfac_decay, 0, 1),

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
+from ._checks import check_sizes
 from ._estimators import hutchinson_trace, top_eigenvalues
 from ._jacobian import Jac, check_jac
 from ._losses import LossFn, resolve_loss
@@ -136,10 +137,12 @@ class CurvatureMonitor(eqx.Module):
                 f"Unknown curvature {self.curvature!r}; valid ones are "
                 f"{list(CURVATURES)}."
             )
-        for name in ("every", "top_k", "num_iters", "num_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        check_sizes(
+            every=self.every,
+            top_k=self.top_k,
+            num_iters=self.num_iters,
+            num_samples=self.num_samples,
+        )
         if self.top_k > self.num_iters:
             raise ValueError(
                 f"top_k={self.top_k} needs num_iters >= top_k, got {self.num_iters}."

@@ -17,7 +17,13 @@ from ._batching import (
     to_microbatches,
     vary_over_shards,
 )
-from ._checks import check_data, check_like, check_params, check_positive
+from ._checks import (
+    check_data,
+    check_like,
+    check_params,
+    check_positive,
+    check_sizes,
+)
 from ._jacobian import Jac, Jacobian, check_jac, linearize
 from ._losses import LossFn, check_target, resolve_loss
 from ._partition import module_fn, partition
@@ -618,10 +624,7 @@ def curvature_operator(
     if hessian_mv is None:
         raise ValueError("Pass a loss_fn (or, for the GGN, a loss_hessian_mv).")
 
-    if not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(
-            f"num_microbatches must be a positive int, got {num_microbatches!r}."
-        )
+    check_sizes(num_microbatches=num_microbatches)
     if batch_size % num_microbatches:
         raise ValueError(
             f"num_microbatches={num_microbatches} does not divide the batch size "

@@ -14,11 +14,12 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from ._batching import sum_over_shards
 from ._cg import CGResult
 from ._checks import (
-    check_counts,
     check_like,
     check_numbers,
     check_ordered,
+    check_periods,
     check_positive,
+    check_sizes,
     is_number,
 )
 from ._diagnostics import is_definite, step_diagnostics, warn_if
@@ -248,8 +249,7 @@ class _Config(eqx.Module, strict=True):
                 "an array; with optax.inject_hyperparams list 'num_microbatches' in "
                 "static_args."
             )
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"num_microbatches must be a positive int, got {value!r}.")
+        check_sizes(num_microbatches=value)
 
     @property
     def uses_kfac(self) -> bool:
@@ -1393,7 +1393,7 @@ def scale_by_gauss_newton(
         axis_name=axis_name,
     )
     _check_maxiter(cg_maxiter)
-    check_counts(kfac_every=kfac_every, kfac_inverse_every=kfac_inverse_every)
+    check_periods(kfac_every=kfac_every, kfac_inverse_every=kfac_inverse_every)
     check_numbers(
         damping=(damping, 0, float("inf")),
         min_damping=(min_damping, 0, float("inf")),  # None: by solver
