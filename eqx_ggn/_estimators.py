@@ -338,10 +338,8 @@ def spectral_density(
         ```
     """
     flat_mv, _, size, dtype = _flat_mv(mv, params)
-    check_sizes(num_iters=num_iters)
+    check_sizes(num_iters=num_iters, num_samples=num_samples, num_points=num_points)
     m = min(num_iters, size)
-    check_sizes(num_samples=num_samples)
-    check_sizes(num_points=num_points)
     check_positive(sigma=sigma)  # None: 1% of the nodes' range
     probes = _rademacher(key, num_samples, size, dtype)
 
