@@ -22,7 +22,11 @@ on seeds 1 and 2 (`--seeds`). Times are reported per seed, over AdamW's time on
 the same seed, and as the median and the worst of those ratios; also the steps
 to target over AdamW's (median), which a slow spell of the machine does not
 move, steps per second and the step's XLA memory (arguments, outputs and
-temporaries of the compiled step).
+temporaries of the compiled step). The warmup-cosine schedules (AdamW's,
+grafted_kfac's and the scheduled KFAC rows') run on the training time, not the
+step count: each ends at the budget however the machine's speed changes
+during a run (since session 32; before, they were sized by a step count timed
+before the run).
 
     python benchmarks/time_to_target.py [--quick] [--workload NAME]
         [--optimizers PREFIXES] [--seeds N] [--costs] [--grafted-costs]
@@ -329,47 +333,80 @@ def mlp_workloads(budget):
 
 
 # Each optimizer: (label, setting name, three values, factory). A factory takes
-# the value and the number of steps the budget is expected to hold, and returns
-# `(optax transformation, curvature)`, the curvature `None` for a first-order one.
-def warmup_cosine(lr, steps):
-    """Linear warmup over 5% of the budget's steps, then cosine decay to 0."""
-    return optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(steps // 20, 1), max(steps, 2)
+# the value and returns `(optax transformation, curvature)`, the curvature `None`
+# for a first-order one.
+def warmup_cosine_fraction(progress, warmup=0.05):
+    """Linear warmup over the first `warmup` of the budget, then cosine decay to
+    0 at its end: `progress` is the training time over the budget."""
+    progress = jnp.clip(progress, 0.0, 1.0)
+    decay = 0.5 * (1 + jnp.cos(jnp.pi * (progress - warmup) / (1 - warmup)))
+    if warmup > 0:
+        decay = jnp.where(progress < warmup, progress / warmup, decay)
+    return jnp.clip(decay, 0.0, 1.0)
+
+
+def warmup_cosine(lr, warmup=0.05):
+    """`lr` times `warmup_cosine_fraction` of the training time spent, read from
+    `update`'s keyword `progress` (which `run` passes at every step), as the last
+    link of a chain whose own learning rate is 1: the schedule ends with the
+    budget however fast the steps run. Sized by a step count timed before the
+    run instead (sessions 25 to 31), a machine that sped up during a run ended
+    the schedules at 77% to 90% of the budget (2026-12-06)."""
+
+    def update(updates, state, params=None, *, progress, **extra_args):
+        del params, extra_args
+        scale = lr * warmup_cosine_fraction(progress, warmup)
+        return jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(
+        lambda params: optax.EmptyState(), update
     )
 
 
-def adamw(lr, steps):
-    return optax.adamw(warmup_cosine(lr, steps), weight_decay=1e-4), None
+def scheduled(opt, lr, curvature=None, warmup=0.05):
+    """`(opt, curvature)` with `opt` (at learning rate 1) followed by
+    `warmup_cosine(lr, warmup)`."""
+    return optax.chain(opt, warmup_cosine(lr, warmup)), curvature
 
 
-def muon(lr, steps):
+def adamw(lr):
+    return scheduled(optax.adamw(1.0, weight_decay=1e-4), lr)
+
+
+def muon(lr):
     return optax.contrib.muon(lr), None
 
 
-def gn(workload, **kwargs):
+def gn(workload, warmup_cosine_lr=None, warmup=0.05, **kwargs):
+    """`eqx_ggn.gauss_newton` on the workload's loss; with `warmup_cosine_lr`,
+    at learning rate 1 followed by `warmup_cosine(warmup_cosine_lr, warmup)`."""
     learning_rate = kwargs.pop("learning_rate", 1.0)
     opt = eqx_ggn.gauss_newton(
         learning_rate, loss_fn=workload.loss_fn, factor=workload.factor, **kwargs
     )
-    return opt, kwargs.get("curvature", "ggn")
+    curvature = kwargs.get("curvature", "ggn")
+    if warmup_cosine_lr is None:
+        return opt, curvature
+    return scheduled(opt, warmup_cosine_lr, curvature, warmup)
 
 
-def kfac_cosine(workload, steps, **kwargs):
-    """Fisher-factor KFAC with a cosine learning rate from 1 over `steps`."""
+def kfac_cosine(workload, **kwargs):
+    """Fisher-factor KFAC with a cosine learning rate from 1 over the budget (no
+    warmup)."""
     return gn(
         workload,
-        learning_rate=optax.cosine_decay_schedule(1.0, max(steps, 2)),
+        warmup_cosine_lr=1.0,
+        warmup=0.0,
         solver="kfac",
         curvature="fisher",
         **kwargs,
     )
 
 
-def grafted_kfac(workload, lr, steps, **kwargs):
+def grafted_kfac(workload, lr, **kwargs):
     """`eqx_ggn.grafted_kfac` (at its defaults but `kwargs`), with AdamW's
     warmup-cosine schedule."""
-    opt = eqx_ggn.grafted_kfac(warmup_cosine(lr, steps), workload.loss_fn, **kwargs)
-    return opt, None
+    return scheduled(eqx_ggn.grafted_kfac(1.0, workload.loss_fn, **kwargs), lr)
 
 
 # AdamW's tuning grid; `--adamw-lr` replaces it by one value.
@@ -387,22 +424,20 @@ def optimizers(workload):
             "KFAC grafted to Adam (defaults)",
             "lr",
             (1e-3, 3e-3, 1e-2),  # AdamW's grid
-            lambda v, s: grafted_kfac(workload, v, s),
+            lambda v: grafted_kfac(workload, v),
         ),
         (
             # Fresher factors and inverses, at a higher step cost.
             "KFAC grafted to Adam (kfac_every=5)",
             "lr",
             (1e-3, 3e-3, 1e-2),
-            lambda v, s: grafted_kfac(
-                workload, v, s, kfac_every=5, kfac_inverse_every=5
-            ),
+            lambda v: grafted_kfac(workload, v, kfac_every=5, kfac_inverse_every=5),
         ),
         (
             "KFAC Fisher, LM (defaults)",
             "kfac_every",
             (1, 5, 20),
-            lambda v, s: gn(workload, kfac_every=v, **fisher),
+            lambda v: gn(workload, kfac_every=v, **fisher),
         ),
         (
             # The defaults without the warning's host callback, which moves every
@@ -410,7 +445,7 @@ def optimizers(workload):
             "KFAC Fisher, LM (warn=False)",
             "kfac_every",
             (1, 5, 20),
-            lambda v, s: gn(workload, kfac_every=v, warn=False, **fisher),
+            lambda v: gn(workload, kfac_every=v, warn=False, **fisher),
         ),
         (
             # The rescaling's curvature term from a quarter of the batch when
@@ -419,32 +454,32 @@ def optimizers(workload):
             "KFAC Fisher, LM (kfac_rescale_tol=0.25)",
             "kfac_every",
             (1, 5, 20),
-            lambda v, s: gn(workload, kfac_every=v, kfac_rescale_tol=0.25, **fisher),
+            lambda v: gn(workload, kfac_every=v, kfac_rescale_tol=0.25, **fisher),
         ),
         (
             "KFAC Fisher, LM + cosine lr",
             "kfac_every",
             (1, 5, 20),
-            lambda v, s: kfac_cosine(workload, s, kfac_every=v),
+            lambda v: kfac_cosine(workload, kfac_every=v),
         ),
         (
             # Both of the above: AdamW's annealing and the quarter's form.
             "KFAC Fisher, LM (kfac_rescale_tol=0.25) + cosine lr",
             "kfac_every",
             (1, 5, 20),
-            lambda v, s: kfac_cosine(workload, s, kfac_every=v, kfac_rescale_tol=0.25),
+            lambda v: kfac_cosine(workload, kfac_every=v, kfac_rescale_tol=0.25),
         ),
         (
             "KFAC Fisher, LM + adaptive momentum",
             "kfac_every",
             (1, 5, 20),
-            lambda v, s: gn(workload, kfac_every=v, adaptive_momentum=True, **fisher),
+            lambda v: gn(workload, kfac_every=v, adaptive_momentum=True, **fisher),
         ),
         (
             "KFAC Fisher, fixed lr (damping 0.1)",
             "lr",
             (0.03, 0.1, 0.3),
-            lambda v, s: gn(
+            lambda v: gn(
                 workload,
                 learning_rate=v,
                 curvature="fisher",
@@ -457,9 +492,9 @@ def optimizers(workload):
             "KFAC Fisher, warmup-cosine lr, momentum 0.9 (damping 0.01)",
             "lr",
             (0.01, 0.03, 0.1),
-            lambda v, s: gn(
+            lambda v: gn(
                 workload,
-                learning_rate=warmup_cosine(v, s),
+                warmup_cosine_lr=v,
                 curvature="fisher",
                 damping=0.01,
                 momentum=0.9,
@@ -471,9 +506,9 @@ def optimizers(workload):
             "KFAC Fisher, KL-clipped (warmup-cosine lr, momentum 0.9)",
             "lr",
             (0.1, 0.3, 1.0),
-            lambda v, s: gn(
+            lambda v: gn(
                 workload,
-                learning_rate=warmup_cosine(v, s),
+                warmup_cosine_lr=v,
                 curvature="fisher",
                 damping=1e-3,
                 kl_clip=1e-2,
@@ -486,13 +521,13 @@ def optimizers(workload):
             "KFAC GGN, LM (defaults)",
             "kfac_every",
             (1, 5, 20),
-            lambda v, s: gn(workload, solver="kfac", kfac_every=v),
+            lambda v: gn(workload, solver="kfac", kfac_every=v),
         ),
         (
             "CG + KFAC (Fisher) preconditioner",
             "cg_maxiter",
             (2, 10, 50),
-            lambda v, s: gn(
+            lambda v: gn(
                 workload,
                 cg_maxiter=v,
                 preconditioner="kfac",
@@ -504,14 +539,18 @@ def optimizers(workload):
             "CG (Hessian-free)",
             "cg_maxiter",
             (2, 10, 50),
-            lambda v, s: gn(workload, cg_maxiter=v),
+            lambda v: gn(workload, cg_maxiter=v),
         ),
     ]
 
 
 def make_step(workload, opt, curvature):
+    """The jitted training step `step(model, state, key, progress)`: `progress`,
+    the training time over the budget, reaches `warmup_cosine`'s schedules (the
+    other transformations ignore it), and may be left out without them."""
+
     @eqx.filter_jit
-    def step(model, state, key):
+    def step(model, state, key, progress=None):
         batch = workload.batch(key)
         params = eqx.filter(model, eqx.is_inexact_array)
         if curvature is not None:
@@ -524,76 +563,57 @@ def make_step(workload, opt, curvature):
                 return_operator=True,
             )
             updates, state = opt.update(
-                grads, state, params, model=model, batch=batch, operator=op
+                grads,
+                state,
+                params,
+                model=model,
+                batch=batch,
+                operator=op,
+                progress=progress,
             )
         else:
             # First-order chains ignore `model` and `batch`; grafted KFAC needs them.
             loss, grads = eqx.filter_value_and_grad(workload.train_loss)(model, batch)
-            updates, state = opt.update(grads, state, params, model=model, batch=batch)
+            updates, state = opt.update(
+                grads, state, params, model=model, batch=batch, progress=progress
+            )
         return eqx.apply_updates(model, updates), state, loss
 
     return step
 
 
-def step_memory(step, model, state, key):
-    """Bytes of the compiled step: arguments, outputs and temporaries."""
-    compiled = step.lower(model, state, key).compile()
+def step_memory(step, *args):
+    """Bytes of the step compiled for `args`: arguments, outputs and
+    temporaries."""
+    compiled = step.lower(*args).compile()
     m = compiled.compiled.memory_analysis()
     if m is None:  # not every backend reports it
         return float("nan")
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 
-def steps_in_budget(workload, opt, curvature, model, seed, probe_s=0.5):
-    """How many steps the budget holds, for the schedules that need a length
-    (AdamW's, grafted_kfac's, the cosine KFAC rows'): after three warm-up
-    steps, steps run back to back, as in training, in chunks that double until
-    `probe_s` seconds have passed.
-    On a step of 2 ms, three steps timed alone read 4% to 30% slow and a whole
-    run's steps ran faster still, so the schedules of session 29's CNN on curves
-    ended at 52% to 85% of the budget (2026-12-06). Its batches have their own
-    keys, so the timing does not shift training's."""
-    step = make_step(workload, opt, curvature)
-    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    keys = iter(jax.random.split(jax.random.key(seed + 200), 1_000_000))
-    for _ in range(4):  # compile and warm up
-        model, state, loss = step(model, state, next(keys))
-    jax.block_until_ready(loss)
-    steps, elapsed, chunk = 0, 0.0, 1
-    while elapsed < probe_s:
-        start = time.perf_counter()
-        for _ in range(chunk):
-            model, state, loss = step(model, state, next(keys))
-        jax.block_until_ready(loss)
-        elapsed += time.perf_counter() - start
-        steps, chunk = steps + chunk, 2 * chunk
-    return int(workload.budget * steps / elapsed)
-
-
-def run(
-    workload, factory, value, seed, steps_hint=None, count_accepted=False, fit=False
-):
+def run(workload, factory, value, seed, count_accepted=False, fit=False):
     """Train for the budget; returns the evaluation curve and rates, with
     `count_accepted` the fraction of accepted steps and the final damping (a
     device-side sum per step: slightly slower steps), and with `fit` the
     metric on training data at each evaluation (`fit_curve`)."""
     model = workload.model(jax.random.key(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 100), 1_000_000))
-    probe_opt, curvature = factory(value, 1000)
-    if steps_hint is None:
-        steps_hint = steps_in_budget(workload, probe_opt, curvature, model, seed)
-    opt, _ = factory(value, steps_hint)
+    opt, curvature = factory(value)
     step = make_step(workload, opt, curvature)
     state = opt.init(eqx.filter(model, eqx.is_inexact_array))
-    jax.block_until_ready(step(model, state, next(keys))[2])  # compile
+    jax.block_until_ready(step(model, state, next(keys), np.float32(0))[2])
     curve = [(0.0, float(workload.validate(model)))]
     fit_curve = [float(workload.fit(model))] if fit else None
     counts = [0]  # the steps taken at each evaluation of `curve`
-    elapsed, steps, chunk, accepted = 0.0, 0, 1, 0
+    elapsed, steps, chunk, accepted, rate = 0.0, 0, 1, 0, math.inf
     while elapsed < workload.budget:
         start = time.perf_counter()
-        for _ in range(chunk):
-            model, state, loss = step(model, state, next(keys))
+        for i in range(chunk):
+            # The schedules' clock: the time measured at the chunk's start, plus
+            # the steps since then at the rate so far.
+            progress = min((elapsed + i / rate) / workload.budget, 1.0)
+            model, state, loss = step(model, state, next(keys), np.float32(progress))
             if count_accepted:  # a device-side sum, no host sync
                 accepted = accepted + optax.tree.get(state, "accepted")
         jax.block_until_ready(loss)
@@ -610,7 +630,7 @@ def run(
     # host callback (the warning's) made the later calls of the same compiled
     # step up to 1.35x faster (2026-12-05, jax 0.10.2), a speed a user's plain
     # `jit` does not get; measured before the run, it flattered KFAC's steps/s.
-    memory = step_memory(step, model, state, next(keys))
+    memory = step_memory(step, model, state, next(keys), np.float32(1))
     jax.clear_caches()  # hundreds of runs: free their compiled programs
     print(f"    run {value} seed {seed}: final {curve[-1][1]:.4g}", flush=True)
     result = {
@@ -1055,14 +1075,14 @@ def grafted_costs(workload):
         )
         for k in (1, 5, 20)
     ]
-    settings.append(("optax.contrib.muon", muon(3e-3, 1)))
+    settings.append(("optax.contrib.muon", muon(3e-3)))
     paired_steps(workload, model, "optimizer", settings)
 
 
 def sweep(workload, column, settings, factory, count_accepted=False):
     """One row per setting (`column` names it) and seed 0 and 1: steps/s, with
     `count_accepted` the accepted fraction and the final damping, and the
-    validation value at fractions of the budget. `factory(setting, steps)`."""
+    validation value at fractions of the budget. `factory(setting)`."""
     fractions = (0.1, 0.2, 0.4, 0.5, 0.75, 1.0)
     print(f"\n### {workload.name}: {workload.metric}, budget {workload.budget:.0f} s\n")
     marks = " | ".join(f"at {f * workload.budget:.0f} s" for f in fractions)
@@ -1088,8 +1108,8 @@ def floors(workload):
     """`kfac_damping_floor` over two decades on the cosine-lr KFAC row's settings
     (Fisher factors, `kfac_every=5`)."""
 
-    def factory(floor, steps):
-        return kfac_cosine(workload, steps, kfac_every=5, kfac_damping_floor=floor)
+    def factory(floor):
+        return kfac_cosine(workload, kfac_every=5, kfac_damping_floor=floor)
 
     settings = [(f"{floor:g}", floor) for floor in (0.0, 0.01, 0.1, 1.0)]
     sweep(workload, "kfac_damping_floor", settings, factory, count_accepted=True)
@@ -1114,7 +1134,7 @@ def knobs(workload):
     """The default KFAC row's settings against the changes in `KNOBS`, with the
     Levenberg-Marquardt rule's accepted fraction and final damping."""
 
-    def factory(knob, steps):
+    def factory(knob):
         return gn(workload, solver="kfac", curvature="fisher", kfac_every=5, **knob)
 
     settings = [
