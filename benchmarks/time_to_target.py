@@ -336,13 +336,15 @@ def mlp_workloads(budget):
 # the value and returns `(optax transformation, curvature)`, the curvature `None`
 # for a first-order one.
 def warmup_cosine_fraction(progress, warmup=0.05):
-    """Linear warmup over the first `warmup` of the budget, then cosine decay to
-    0 at its end: `progress` is the training time over the budget."""
-    progress = jnp.clip(progress, 0.0, 1.0)
-    decay = 0.5 * (1 + jnp.cos(jnp.pi * (progress - warmup) / (1 - warmup)))
-    if warmup > 0:
-        decay = jnp.where(progress < warmup, progress / warmup, decay)
-    return jnp.clip(decay, 0.0, 1.0)
+    """Optax's warmup-cosine schedule from 0 to 1 and back to 0, on the budget's
+    fraction `progress` (the training time over the budget) instead of a step
+    count: linear warmup over the first `warmup` of the budget, then cosine
+    decay to 0 at its end."""
+    scale = 1_000_000  # optax's schedules count steps: one per millionth
+    count = jnp.clip(progress, 0.0, 1.0) * scale
+    if warmup == 0:
+        return optax.cosine_decay_schedule(1.0, scale)(count)
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup * scale, scale)(count)
 
 
 def warmup_cosine(lr, warmup=0.05):
