@@ -342,8 +342,7 @@ def warmup_cosine_fraction(progress, warmup=0.05):
     decay to 0 at its end."""
     scale = 1_000_000  # optax's schedules count steps: one per millionth
     count = jnp.clip(progress, 0.0, 1.0) * scale
-    if warmup == 0:
-        return optax.cosine_decay_schedule(1.0, scale)(count)
+    # With warmup 0 this is optax.cosine_decay_schedule(1.0, scale) exactly.
     return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup * scale, scale)(count)
 
 
