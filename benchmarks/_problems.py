@@ -127,16 +127,19 @@ def text_batch(data, key, batch_size, context):
 
 
 class Block(eqx.Module):
-    """Pre-LayerNorm transformer block: causal self-attention, then a GELU MLP."""
+    """Pre-LayerNorm transformer block: self-attention (causal, or over every
+    token with `causal=False`), then a GELU MLP."""
 
     norm1: eqx.nn.LayerNorm
     attention: eqx.nn.MultiheadAttention
     norm2: eqx.nn.LayerNorm
     up: eqx.nn.Linear
     down: eqx.nn.Linear
+    causal: bool = eqx.field(static=True)
 
-    def __init__(self, width, heads, key):
+    def __init__(self, width, heads, key, causal=True):
         k1, k2, k3 = jax.random.split(key, 3)
+        self.causal = causal
         self.norm1 = eqx.nn.LayerNorm(width)
         self.attention = eqx.nn.MultiheadAttention(heads, width, key=k1)
         self.norm2 = eqx.nn.LayerNorm(width)
@@ -146,7 +149,7 @@ class Block(eqx.Module):
     def __call__(self, x):
         t = x.shape[0]
         h = jax.vmap(self.norm1)(x)
-        mask = jnp.tril(jnp.ones((t, t), bool))
+        mask = jnp.tril(jnp.ones((t, t), bool)) if self.causal else None
         x = x + self.attention(h, h, h, mask=mask)
         h = jax.vmap(self.norm2)(x)
         return x + jax.vmap(self.down)(jax.nn.gelu(jax.vmap(self.up)(h)))
@@ -178,3 +181,35 @@ class CharTransformer(eqx.Module):
         for block in self.blocks:
             x = block(x)
         return jax.vmap(self.head)(jax.vmap(self.norm)(x))
+
+
+class PatchTransformer(eqx.Module):
+    """A small vision transformer for square images given flattened: `patch x
+    patch` patches, each a token through a `Linear` embedding plus a position
+    `Embedding`, non-causal `Block`s, a final LayerNorm, the mean over the tokens
+    and a `Linear` head to `(classes,)` logits."""
+
+    grid: int = eqx.field(static=True)  # patches per side
+    patch: int = eqx.field(static=True)
+    embed: eqx.nn.Linear
+    positions: eqx.nn.Embedding
+    blocks: list
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, size, patch, width, depth, heads, classes, key):
+        keys = jax.random.split(key, depth + 3)
+        self.grid, self.patch = size // patch, patch
+        self.embed = eqx.nn.Linear(patch * patch, width, key=keys[0])
+        self.positions = eqx.nn.Embedding(self.grid**2, width, key=keys[1])
+        self.blocks = [Block(width, heads, k, causal=False) for k in keys[3:]]
+        self.norm = eqx.nn.LayerNorm(width)
+        self.head = eqx.nn.Linear(width, classes, key=keys[2])
+
+    def __call__(self, pixels):
+        n, p = self.grid, self.patch
+        patches = pixels.reshape(n, p, n, p).transpose(0, 2, 1, 3).reshape(n * n, p * p)
+        x = jax.vmap(self.embed)(patches) + jax.vmap(self.positions)(jnp.arange(n * n))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(jnp.mean(jax.vmap(self.norm)(x), 0))

@@ -32,7 +32,7 @@ before the run).
         [--optimizers PREFIXES] [--seeds N] [--costs] [--grafted-costs]
         [--warning] [--floors]
         [--knobs] [--quarter] [--generalization] [--large] [--shape W,D,H]
-        [--adamw-lr LR] [--fit] [--mlps] [--curves]
+        [--adamw-lr LR] [--fit] [--mlps] [--curves] [--vit]
 
 `--costs` times the pieces of a step on each workload, and whole steps, each
 setting in turns with AdamW; `--grafted-costs` does the same for
@@ -64,7 +64,10 @@ replaces them by the autoencoder on 20,000 generated curve images (the CURVES
 data of Martens' benchmark, made here at 8x8) and the CNN on 60,000 such
 images in 10 classes (the chord's direction and the side the curve bends to),
 with the digits' 12 s runs: too many images for the budget to overfit, so
-their validation values measure how fast the training values fall.
+their validation values measure how fast the training values fall. `--vit`
+replaces them by a small vision transformer on those 10 classes
+(`vit_workload`): a second transformer, on images, on which no setting was
+chosen.
 """
 
 import os
@@ -97,6 +100,7 @@ from _problems import (
     AUTOENCODER_SIZES,
     Autoencoder,
     CharTransformer,
+    PatchTransformer,
     curve_classes,
     curves,
     digits,
@@ -234,6 +238,18 @@ def cnn_workload(budget, data="digits"):
         error(x, y),
         # The digits' targets fall at 0.4 to 4 s of 12: evaluate every 0.06 s.
         evaluations=200 if data == "digits" else 40,
+    )
+
+
+def vit_workload(budget):
+    """A problem outside the three, for `--vit`: the CNN's task on curves
+    (60,000 generated images in 10 classes; validation error) with a small
+    vision transformer instead: 16 patches of 2x2 pixels, width 64, 2 non-causal
+    blocks of 4 heads, mean-pooled to a `Linear` head."""
+    return dataclasses.replace(
+        cnn_workload(budget, data="curves"),
+        name="vit on curves",
+        model=lambda key: PatchTransformer(8, 2, 64, 2, 4, 10, key),
     )
 
 
@@ -1197,6 +1213,11 @@ def main():
         help="the autoencoder and the CNN on generated curve images instead, 12 s runs",
     )
     parser.add_argument(
+        "--vit",
+        action="store_true",
+        help="a vision transformer on the curve classes instead, 12 s runs",
+    )
+    parser.add_argument(
         "--fit",
         action="store_true",
         help="targets and curves on the training data instead of the validation set",
@@ -1245,6 +1266,8 @@ def main():
             autoencoder_workload(12 * scale, data="curves"),
             cnn_workload(12 * scale, data="curves"),
         ]
+    if args.vit:
+        workloads = [vit_workload(12 * scale)]
     if args.fit:
         workloads = [
             dataclasses.replace(
@@ -1257,6 +1280,7 @@ def main():
     suffix += "-fit" if args.fit else ""
     suffix += "-mlps" if args.mlps else ""
     suffix += "-curves" if args.curves else ""
+    suffix += "-vit" if args.vit else ""
     suffix += f"-{args.shape.replace(',', 'x')}" if args.shape else ""
     cache = pathlib.Path(args.cache + suffix)
     print(
