@@ -1046,13 +1046,13 @@ def costs(workload):
     )
 
 
-def paired_steps(workload, model, column, settings, rounds=5):
+def paired_steps(workload, model, column, settings, rounds=5, count=40):
     """Each `(name, (optimizer, curvature))` of `settings` timed in turns with
-    AdamW, `rounds` times: a slow spell of the shared machine then slows both
-    sides of a pair. Session 17 timed AdamW once per table, and its step read
-    26.6 ms in one table and 47.9 ms in the next, ten minutes later, moving
-    every ratio by 1.8x."""
-    adam = step_timer(workload, model, optax.adamw(3e-3), None)
+    AdamW, `rounds` times `count` steps: a slow spell of the shared machine then
+    slows both sides of a pair. Session 17 timed AdamW once per table, and its
+    step read 26.6 ms in one table and 47.9 ms in the next, ten minutes later,
+    moving every ratio by 1.8x."""
+    adam = step_timer(workload, model, optax.adamw(3e-3), None, count=count)
     adam_times = []
     print(f"\n### {workload.name}: step time against AdamW's, {rounds} paired runs\n")
     print(
@@ -1060,7 +1060,7 @@ def paired_steps(workload, model, column, settings, rounds=5):
         "of the pairs) | lowest, highest |\n|---|---|---|---|"
     )
     for name, (opt, curvature) in settings:
-        setting = step_timer(workload, model, opt, curvature)
+        setting = step_timer(workload, model, opt, curvature, count=count)
         pairs = [(adam(), setting()) for _ in range(rounds)]
         adam_times += [a for a, _ in pairs]
         ratios = [s / a for a, s in pairs]
@@ -1094,6 +1094,35 @@ def grafted_costs(workload):
     ]
     settings.append(("optax.contrib.muon", muon(3e-3)))
     paired_steps(workload, model, "optimizer", settings)
+
+
+def large_costs(workload, only=None):
+    """For the width-512 transformer (`--large`), whose steps take seconds on a
+    CPU: the default steps of `grafted_kfac`, the Levenberg-Marquardt KFAC and
+    Muon against AdamW's, twice over 20 steps after 20 warm-up steps, so that
+    each window holds one refresh of `grafted_kfac`'s factors and inverses, and
+    four factor folds and two eigendecompositions of the Levenberg-Marquardt
+    KFAC's. The MLP's down-projection has 2,048 inputs and a bias, an `A` of
+    2,049 above the default `kfac_max_dim`, so diagonal; a second
+    `grafted_kfac` row keeps it dense. `only`: prefixes of the rows to run."""
+    model = workload.model(jax.random.key(0))
+    settings = [
+        (
+            "grafted_kfac (defaults)",
+            (eqx_ggn.grafted_kfac(3e-3, workload.loss_fn), None),
+        ),
+        (
+            "grafted_kfac(kfac_max_dim=2049)",
+            (eqx_ggn.grafted_kfac(3e-3, workload.loss_fn, kfac_max_dim=2049), None),
+        ),
+        (
+            'gauss_newton(solver="kfac", curvature="fisher") (defaults)',
+            gn(workload, solver="kfac", curvature="fisher"),
+        ),
+        ("optax.contrib.muon", muon(3e-3)),
+    ]
+    settings = [(n, s) for n, s in settings if not only or n.startswith(tuple(only))]
+    paired_steps(workload, model, "optimizer", settings, rounds=2, count=20)
 
 
 def sweep(workload, column, settings, factory, count_accepted=False):
@@ -1169,7 +1198,8 @@ def main():
     parser.add_argument(
         "--grafted-costs",
         action="store_true",
-        help="grafted_kfac's and Muon's steps against AdamW's only",
+        help="grafted_kfac's and Muon's steps against AdamW's only (with --large "
+        "the Levenberg-Marquardt KFAC's too, over 20-step windows)",
     )
     parser.add_argument(
         "--warning",
@@ -1318,6 +1348,10 @@ def main():
         if args.costs:
             costs(workload)
             continue
+        only = args.optimizers.split(";") if args.optimizers else None
+        if args.grafted_costs and args.large:
+            large_costs(workload, only)
+            continue
         if args.grafted_costs:
             grafted_costs(workload)
             continue
@@ -1330,7 +1364,6 @@ def main():
         if args.generalization:
             generalization(workload, cache, args.seeds)
             continue
-        only = args.optimizers.split(";") if args.optimizers else None
         results, target = benchmark(workload, print_row, cache, only, args.seeds)
         report(workload, results, target)
 

@@ -1,29 +1,35 @@
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Int
+from jaxtyping import Array, Int, PyTree
 
 from ._checks import check_like, check_numbers, check_periods
 from ._grafting import scale_by_grafting
 from ._kfac import (
     MAX_DIM,
-    KFACState,
-    apply_kfac_inverse,
+    KroneckerFactor,
+    KroneckerInverse,
+    apply_damped_inverses,
     check_weight_sharing,
-    mean_eigenvalue,
+    damped_inverses,
+    fold_factors,
+    is_due,
     step_statistics,
-    update_kfac_state,
-    zero_state,
+    zero_factors,
 )
 from ._losses import LossFn, resolve_loss
 
 
 class ScaleByKFACState(NamedTuple):
-    """The step count and KFAC's running factors and their eigendecompositions."""
+    """The step count, KFAC's running factors (a `KroneckerFactor` per captured
+    layer, the curvature's diagonal elsewhere) and their damped inverses at the
+    last refresh."""
 
     count: Int[Array, ""]
-    kfac: KFACState
+    factors: PyTree
+    inverses: PyTree
 
 
 def scale_by_kfac(
@@ -42,13 +48,21 @@ def scale_by_kfac(
 
     Every `kfac_every` steps one batch's factors (see [`eqx_ggn.kfac_factors`][];
     `curvature="fisher"` samples labels, one backward pass) join a running
-    average, whose eigendecompositions refresh every `kfac_inverse_every` steps.
-    The update is `(KFAC + λ)^{-1} u` for the incoming `u`, with `λ =
+    average. The update is `(KFAC + λ)^{-1} u` for the incoming `u`, with `λ =
     relative_damping * tr(KFAC) / P`, the mean eigenvalue of the approximation
     over its `P` entries: scale-free, so multiplying the loss by a constant
     changes nothing. Its scale is the curvature's, which on a mini-batch is
     seldom the right step: [`eqx_ggn.grafted_kfac`][] takes the step length from
     Adam instead.
+
+    Since `λ` follows the factors, each layer's damped inverse `(A + π √λ I)^{-1}
+    ⊗ (G + √λ / π I)^{-1}` (the split of [`eqx_ggn.kfac_inverse`][]) is formed
+    once per refresh, every `kfac_inverse_every` steps, from one Cholesky
+    factorization per factor and no eigendecomposition. A step then costs two
+    matrix products per layer. Where a Cholesky fails (a singular factor at
+    `relative_damping=0`, such as a layer with more inputs than the batch has
+    rows) that layer's update is zero, and `grafted_kfac` takes Adam's update
+    for it instead.
 
     **Arguments:**
 
@@ -106,9 +120,13 @@ def scale_by_kfac(
         )
 
     def init(params):
-        return ScaleByKFACState(
-            jnp.zeros([], jnp.int32), zero_state(params, kfac_max_dim)
+        factors = zero_factors(params, kfac_max_dim)
+        inverses = jax.tree.map(
+            lambda b: KroneckerInverse(*b) if isinstance(b, KroneckerFactor) else b,
+            factors,
+            is_leaf=lambda b: isinstance(b, KroneckerFactor),
         )
+        return ScaleByKFACState(jnp.zeros([], jnp.int32), factors, inverses)
 
     def update(updates, state, params=None, *, model=None, batch=None, **extra_args):
         del extra_args
@@ -129,17 +147,17 @@ def scale_by_kfac(
             weight_sharing=weight_sharing,
             max_dim=kfac_max_dim,
         )
-        kfac = update_kfac_state(
-            state.kfac,
-            statistics,
-            state.count,
-            kfac_decay,
-            kfac_every,
-            kfac_inverse_every,
+        factors = fold_factors(
+            state.factors, statistics, state.count, kfac_decay, kfac_every
         )
-        damping = relative_damping * mean_eigenvalue(kfac.eigen)
-        preconditioned = apply_kfac_inverse(kfac.eigen, updates, damping)
-        return preconditioned, ScaleByKFACState(state.count + 1, kfac)
+        inverses = jax.lax.cond(
+            is_due(state.count, kfac_inverse_every),
+            lambda f: damped_inverses(f, relative_damping),
+            lambda _: state.inverses,
+            factors,
+        )
+        preconditioned = apply_damped_inverses(inverses, updates)
+        return preconditioned, ScaleByKFACState(state.count + 1, factors, inverses)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -165,10 +183,11 @@ def grafted_kfac(
     ([`eqx_ggn.scale_by_kfac`][] after `optax.trace(momentum, nesterov=True)`),
     rescaled to the norm of Adam's update of the same array
     ([`eqx_ggn.scale_by_grafting`][]), times `-learning_rate`. There is no
-    linearization, line search or rejected step: a step costs a gradient, the
-    products with each layer's factor eigenvectors, Adam's update, and every
-    `kfac_every` steps one more forward and backward pass for the factors (plus
-    their eigendecompositions every `kfac_inverse_every` steps).
+    linearization, line search or rejected step: a step costs a gradient, two
+    matrix products per layer with its damped inverse factors, Adam's update,
+    and every `kfac_every` steps one more forward and backward pass for the
+    factors (plus their inverses, by Cholesky, every `kfac_inverse_every`
+    steps).
 
     Because Adam sets the step length, the learning rate is Adam's: tune it
     over the grid you would use for `optax.adamw`. A run of few steps (a large

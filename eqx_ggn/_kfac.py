@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_batching import custom_vmap
+from jax.scipy.linalg import cho_factor, cho_solve
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._batching import vary_over_shards
@@ -101,6 +102,15 @@ class KroneckerEigen(NamedTuple):
     a_vectors: Float[Array, "n n"] | None
     g_values: Float[Array, " m"]
     g_vectors: Float[Array, "m m"] | None
+
+
+class KroneckerInverse(NamedTuple):
+    """The damped inverses of one `KroneckerFactor`'s factors, `(A + π √λ I)^{-1}`
+    and `(G + √λ / π I)^{-1}` (see [`eqx_ggn.kfac_inverse`][]); a diagonal factor's
+    as a vector."""
+
+    a: Float[Array, "n n"] | Float[Array, " n"]
+    g: Float[Array, "m m"] | Float[Array, " m"]
 
 
 class KFACState(NamedTuple):
@@ -681,7 +691,7 @@ _jitted_statistics = eqx.filter_jit(curvature_statistics)
 
 
 def _is_block(x: Any) -> bool:
-    return isinstance(x, KroneckerFactor | KroneckerEigen)
+    return isinstance(x, KroneckerFactor | KroneckerEigen | KroneckerInverse)
 
 
 def zero_factors(trained: PyTree, max_dim: int = MAX_DIM) -> PyTree:
@@ -767,11 +777,10 @@ def _layer_matrix(node: Any) -> tuple[Array, Callable[[Array], Any]]:
     return matrix, back
 
 
-def _split_damping(eigen: KroneckerEigen, damping: Array) -> tuple[Array, Array]:
+def _split_damping(mean_a: Array, mean_g: Array, damping: Array) -> tuple[Array, Array]:
     """Tikhonov damping `λ` split between the factors with Martens and Grosse's `π`:
-    `A + π √λ I` and `G + √λ / π I`, `π = sqrt((tr A / n) / (tr G / m))`."""
-    mean_a = jnp.mean(eigen.a_values)
-    mean_g = jnp.mean(eigen.g_values)
+    `A + π √λ I` and `G + √λ / π I`, `π = sqrt(mean_a / mean_g)` from the factors'
+    mean eigenvalues `tr A / n` and `tr G / m`."""
     ratio = mean_a / mean_g
     pi = jnp.where((mean_a > 0) & (mean_g > 0) & jnp.isfinite(ratio), ratio, 1) ** 0.5
     root = jnp.sqrt(damping)
@@ -785,16 +794,27 @@ def _damped_inverse(values: Array, shift: Array) -> Array:
     return jnp.where(denominator > tiny, 1 / jnp.maximum(denominator, tiny), 0)
 
 
-def mean_eigenvalue(eigen: PyTree) -> Array:
+def _trace(factor: Array) -> Array:
+    """`tr` of a dense factor, or the sum of a diagonal one's positive entries."""
+    if factor.ndim == 1:
+        return jnp.sum(jnp.maximum(factor, 0))
+    return jnp.maximum(jnp.trace(factor), 0)
+
+
+def mean_eigenvalue(blocks: PyTree) -> Array:
     """`tr(KFAC) / P`: the mean eigenvalue of the KFAC approximation over all `P`
     trained entries (`tr(A ⊗ G) = tr A tr G` per block; negative eigenvalues,
-    from rounding, count as zero), in the blocks' precision."""
+    from rounding, count as zero), in the blocks' precision. `blocks`: the
+    eigendecompositions, or the factors themselves (their traces)."""
     total, count = 0.0, 0
-    for block in jax.tree.leaves(eigen, is_leaf=_is_block):
+    for block in jax.tree.leaves(blocks, is_leaf=_is_block):
         if isinstance(block, KroneckerEigen):
             a, g = jnp.maximum(block.a_values, 0), jnp.maximum(block.g_values, 0)
             total += jnp.sum(a) * jnp.sum(g)
             count += a.size * g.size
+        elif isinstance(block, KroneckerFactor):
+            total += _trace(block.a) * _trace(block.g)
+            count += block.a.shape[0] * block.g.shape[0]
         else:
             total += jnp.sum(jnp.maximum(block, 0))
             count += block.size
@@ -811,7 +831,11 @@ def apply_kfac_inverse(eigen: PyTree, vector: PyTree, damping: Array) -> PyTree:
             scale = _damped_inverse(block, jnp.asarray(damping, dtype))
             return (node.astype(dtype) * scale).astype(node.dtype)
         dtype = block.g_values.dtype
-        shift_a, shift_g = _split_damping(block, jnp.asarray(damping, dtype))
+        shift_a, shift_g = _split_damping(
+            jnp.mean(block.a_values),
+            jnp.mean(block.g_values),
+            jnp.asarray(damping, dtype),
+        )
         matrix, back = _layer_matrix(node)
         out_dtype = matrix.dtype
         matrix = matrix.astype(dtype)
@@ -830,6 +854,66 @@ def apply_kfac_inverse(eigen: PyTree, vector: PyTree, damping: Array) -> PyTree:
         return back(result.astype(out_dtype))
 
     return jax.tree.map(apply, eigen, vector, is_leaf=_is_block)
+
+
+def _shifted_inverse(factor: Array, shift: Array) -> Array:
+    """`(factor + shift I)^{-1}` of a dense factor from its Cholesky factor
+    (cheaper than an eigendecomposition). Where the Cholesky fails on a finite
+    factor (a singular one at a zero shift) it is zero, so the layer's
+    direction is zero (`grafted_kfac` then takes Adam's update for it); a
+    non-finite factor stays non-finite. No `lax.cond`: a fallback branch
+    inside the refresh's cost a small CNN's step a millisecond on a CPU. A
+    diagonal factor's `_damped_inverse`."""
+    if factor.ndim == 1:
+        return _damped_inverse(factor, shift)
+    eye = jnp.eye(factor.shape[0], dtype=factor.dtype)
+    inverse = cho_solve(cho_factor(factor + shift * eye, lower=True), eye)
+    failed = ~jnp.all(jnp.isfinite(inverse)) & jnp.all(jnp.isfinite(factor))
+    return jnp.where(failed, 0, (inverse + inverse.T) / 2)
+
+
+def damped_inverses(factors: PyTree, relative_damping: Array | float) -> PyTree:
+    """Each block's `KroneckerInverse` at `λ = relative_damping * tr(KFAC) / P`
+    (diagonal blocks: `1 / (d + λ)`), for `apply_damped_inverses`: a fixed
+    damping needs no eigendecomposition, and the product then takes two matrix
+    products per layer instead of four."""
+    damping = relative_damping * mean_eigenvalue(factors)
+
+    def invert(block):
+        if not isinstance(block, KroneckerFactor):
+            return _damped_inverse(block, damping.astype(block.dtype))
+        mean_a = _trace(block.a) / block.a.shape[0]
+        mean_g = _trace(block.g) / block.g.shape[0]
+        shift_a, shift_g = _split_damping(mean_a, mean_g, damping.astype(mean_a.dtype))
+        return KroneckerInverse(
+            _shifted_inverse(block.a, shift_a), _shifted_inverse(block.g, shift_g)
+        )
+
+    return jax.tree.map(invert, factors, is_leaf=_is_block)
+
+
+def apply_damped_inverses(inverses: PyTree, vector: PyTree) -> PyTree:
+    """`G_inv M A_inv` on each captured layer's `(m, n)` matrix `M` (a diagonal
+    inverse scales instead), `vector * inverse` elsewhere, in the inverses'
+    precision."""
+
+    def apply(inverse, node):
+        if not isinstance(inverse, KroneckerInverse):
+            return (node.astype(inverse.dtype) * inverse).astype(node.dtype)
+        matrix, back = _layer_matrix(node)
+        out_dtype = matrix.dtype
+        matrix = matrix.astype(inverse.g.dtype)
+        if inverse.g.ndim == 2:
+            matrix = inverse.g @ matrix
+        else:
+            matrix = inverse.g[:, None] * matrix
+        if inverse.a.ndim == 2:
+            matrix = matrix @ inverse.a
+        else:
+            matrix = matrix * inverse.a[None, :]
+        return back(matrix.astype(out_dtype))
+
+    return jax.tree.map(apply, inverses, vector, is_leaf=_is_block)
 
 
 def kfac_inverse(factors: PyTree, damping: float | Float[Array, ""]) -> Callable:
@@ -915,6 +999,30 @@ def update_kfac_state(
     Grosse 2015): the first batch replaces the zeros, the first `1 / (1 -
     decay)` folds are averaged uniformly, and only then does the exponential
     decay take over, so no early batch outweighs the later ones."""
+    factors = fold_factors(state.factors, statistics, count, decay, every)
+    eigen = jax.lax.cond(
+        is_due(count, inverse_every) & refresh,
+        eigendecompose,
+        lambda _: state.eigen,
+        factors,
+    )
+    return KFACState(factors, eigen)
+
+
+def is_due(count: Array, period: int | Array) -> Array:
+    """Whether step `count` is one of every `period`-th (`0, period, ...`)."""
+    return (count % jnp.maximum(jnp.asarray(period), 1)) == 0
+
+
+def fold_factors(
+    factors: PyTree,
+    statistics: Callable[[], PyTree],
+    count: Array,
+    decay: float | Array,
+    every: int | Array,
+) -> PyTree:
+    """The running factors with one batch's (`statistics()`, run only then)
+    folded in every `every` steps, as `update_kfac_state` describes."""
     folds = count // jnp.maximum(jnp.asarray(every), 1) + 1  # this fold's number
     decay = jnp.minimum(jnp.asarray(decay, jnp.float32), 1 - 1 / folds)
 
@@ -925,9 +1033,4 @@ def update_kfac_state(
             statistics(),
         )
 
-    due = lambda period: (count % jnp.maximum(jnp.asarray(period), 1)) == 0
-    factors = jax.lax.cond(due(every), fold, lambda f: f, state.factors)
-    eigen = jax.lax.cond(
-        due(inverse_every) & refresh, eigendecompose, lambda _: state.eigen, factors
-    )
-    return KFACState(factors, eigen)
+    return jax.lax.cond(is_due(count, every), fold, lambda f: f, factors)

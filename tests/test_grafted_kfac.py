@@ -11,6 +11,13 @@ import pytest
 from helpers import assert_rel_close, to_f64
 
 import eqx_ggn
+from eqx_ggn._kfac import (
+    _shifted_inverse,
+    apply_damped_inverses,
+    damped_inverses,
+    eigendecompose,
+    mean_eigenvalue,
+)
 
 
 def _problem(n=24):
@@ -121,7 +128,48 @@ def test_scale_by_kfac_applies_the_damped_kronecker_inverse(x64, curvature):
         net = eqx.apply_updates(net, jax.tree.map(lambda s: -0.1 * s, step))
         params = eqx.filter(net, eqx.is_inexact_array)
     assert int(state.count) == 2
-    assert_rel_close(state.kfac.factors.layers[0].a, factors.layers[0].a, 1e-12)
+    assert_rel_close(state.factors.layers[0].a, factors.layers[0].a, 1e-12)
+
+
+def test_damped_inverses_equal_the_eigendecompositions(x64):
+    """`scale_by_kfac`'s Cholesky inverses, applied, equal `kfac_inverse` (from
+    the eigendecompositions) at `λ = 0.1 tr(KFAC) / P` on every kind of block:
+    dense factors, a factor kept diagonal by `max_dim`, an embedding's diagonal
+    `A` (zero for tokens not in the batch) and a LayerNorm's diagonal. Where
+    the Cholesky fails on a finite factor (singular, at zero shift) the
+    inverse is zero; a NaN factor gives a NaN inverse."""
+    keys = jax.random.split(jax.random.key(7), 4)
+    net = to_f64(
+        eqx.nn.Sequential(
+            [
+                eqx.nn.Embedding(6, 4, key=keys[0]),
+                eqx.nn.Linear(4, 7, key=keys[1]),
+                eqx.nn.Lambda(jnp.tanh),
+                eqx.nn.LayerNorm(7),
+                eqx.nn.Linear(7, 3, key=keys[2]),
+            ]
+        )
+    )
+    tokens = jnp.array([0, 1, 2, 4, 1, 0, 2, 4, 4, 1])
+    batch = {"input": tokens, "target": tokens % 3}
+    factors = eqx_ggn.kfac_factors(net, batch, "cross_entropy", max_dim=6)
+    assert factors.layers[1].g.ndim == 1 and factors.layers[4].a.ndim == 1
+    assert factors.layers[1].a.ndim == 2 and factors.layers[4].g.ndim == 2
+    params = eqx.filter(net, eqx.is_inexact_array)
+    vector = jax.tree.map(
+        lambda p: jax.random.normal(keys[3], p.shape, p.dtype), params
+    )
+    damping = 0.1 * mean_eigenvalue(eigendecompose(factors))
+    expected = eqx_ggn.kfac_inverse(factors, damping)(vector)
+    found = apply_damped_inverses(damped_inverses(factors, 0.1), vector)
+    assert_rel_close(jax.tree.leaves(found), jax.tree.leaves(expected), 1e-10)
+
+    b = jax.random.normal(keys[0], (3, 5), jnp.float64)
+    singular = jnp.zeros((5, 5)).at[:3, :3].set(b @ b.T)  # rank 3
+    shifted = jnp.linalg.inv(singular + 0.5 * jnp.eye(5))
+    assert_rel_close(_shifted_inverse(singular, 0.5), shifted, 1e-12)
+    assert jnp.all(_shifted_inverse(singular, 0.0) == 0)  # the Cholesky fails
+    assert jnp.all(jnp.isnan(_shifted_inverse(singular.at[0, 0].set(jnp.nan), 0.5)))
 
 
 @pytest.mark.parametrize("inject", [False, True])
