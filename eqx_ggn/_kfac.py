@@ -857,13 +857,13 @@ def apply_kfac_inverse(eigen: PyTree, vector: PyTree, damping: Array) -> PyTree:
 
 
 def _shifted_inverse(factor: Array, shift: Array) -> Array:
-    """`(factor + shift I)^{-1}` of a dense factor from its Cholesky factor
-    (cheaper than an eigendecomposition). Where the Cholesky fails on a finite
-    factor (a singular one at a zero shift) it is zero, so the layer's
-    direction is zero (`grafted_kfac` then takes Adam's update for it); a
-    non-finite factor stays non-finite. No `lax.cond`: a fallback branch
-    inside the refresh's cost a small CNN's step a millisecond on a CPU. A
-    diagonal factor's `_damped_inverse`."""
+    """`(factor + shift I)^{-1}`: of a dense factor from its Cholesky factor
+    (cheaper than an eigendecomposition), of a diagonal one by
+    `_damped_inverse`. Where the Cholesky fails on a finite factor (a singular
+    one at a zero shift) it is zero, so the layer's direction is zero
+    (`grafted_kfac` then takes Adam's update for it); a non-finite factor
+    stays non-finite. A `select`, not a `lax.cond` fallback: such a branch
+    inside the refresh cost a small CNN's step a millisecond on a CPU."""
     if factor.ndim == 1:
         return _damped_inverse(factor, shift)
     eye = jnp.eye(factor.shape[0], dtype=factor.dtype)
